@@ -1,0 +1,1 @@
+"""aftray: Alignment Fine-Tuning (AFT) as an on-policy Ray loop."""
