@@ -91,8 +91,6 @@ class VerifyConfig:
     dedup: bool = True
     process: Literal["none", "arith", "mc"] = "arith"
     mc_samples: int = 4  # M continuations per step prefix (process == "mc")
-    mc_threshold: float = 0.5  # delta: a step is correct when its value >= delta
-    math_verify: bool = False  # symbolic equivalence through math-verify (timeouts off; safe in Ray threads)
 
 
 @dataclass
@@ -112,6 +110,7 @@ class TrainConfig:
     lr: float = 1e-5
     min_lr_ratio: float = 0.1
     warmup_steps: int = 2
+    lr_schedule: Literal["cosine", "linear"] = "cosine"  # decay after warmup, down to lr * min_lr_ratio
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     steps_per_round: Optional[int] = None  # optimizer steps per round (None = one pass over the round's groups)
@@ -127,6 +126,7 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
     offload_optimizer: bool = False
     max_failures: int = 1
+    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0 = only at the end of a stage)
     seed: int = 0
     # VFT stage (offline mode, and the warm-up of a model trained from scratch)
     vft_steps: int = 0
@@ -395,6 +395,8 @@ def validate(cfg: Config) -> None:
     _check(t.num_workers >= 1, "train.num_workers", "an integer >= 1", t.num_workers)
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", t.zero_stage)
     _check(t.steps_per_round is None or t.steps_per_round >= 1, "train.steps_per_round", "null or >= 1", t.steps_per_round)
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0 = end of stage only)",
+           t.checkpoint_every)
     _check(t.vft_steps >= 0, "train.vft_steps", "an integer >= 0", t.vft_steps)
     _check(t.max_seq_len >= 8, "train.max_seq_len", "an integer >= 8", t.max_seq_len)
     _check(lo.name in OBJECTIVES, "loss.name", "one of " + ", ".join(sorted(OBJECTIVES)), lo.name)
@@ -407,7 +409,6 @@ def validate(cfg: Config) -> None:
     _check(lp.eval_questions >= 0, "loop.eval_questions", "an integer >= 0", lp.eval_questions)
     _check(lp.mode != "offline" or lp.rounds == 1, "loop.rounds", "1 in offline mode (the paper's single round)", lp.rounds)
     _check(cfg.verify.mc_samples >= 1, "verify.mc_samples", "an integer >= 1", cfg.verify.mc_samples)
-    _check(0 <= cfg.verify.mc_threshold <= 1, "verify.mc_threshold", "a value in [0, 1]", cfg.verify.mc_threshold)
     tc = cfg.task
     _check(tc.num_train is None or tc.num_train >= 1, "task.num_train", "null or >= 1", tc.num_train)
     _check(tc.num_test is None or tc.num_test >= 1, "task.num_test", "null or >= 1", tc.num_test)

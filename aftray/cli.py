@@ -1,0 +1,75 @@
+"""`aftray run|eval|sample`: the command line. `jobs/aft_gsm8k.py` is the same `run` with a default preset."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+from aftray.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def default_preset() -> Path:
+    """The GPU preset when GPUs and vLLM are present, else the CPU one (architecture.md)."""
+    has_gpu = False
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        pass
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    return CONFIGS / ("gsm8k_gpu.yaml" if has_gpu and has_vllm else "gsm8k_cpu.yaml")
+
+
+def _load(path, overrides):
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:  # config errors are the user's to fix: no traceback
+        sys.exit(f"config error: {err}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aftray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the AFT loop (offline or online) from a preset")
+    run.add_argument("config", nargs="?", help="YAML preset (default: GPU preset if GPUs+vLLM, else CPU)")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (greedy accuracy, pass@k, maj@k) on a task")
+    ev.add_argument("checkpoint", help="HF folder, e.g. runs/<name>/rounds/<r>/checkpoint")
+    ev.add_argument("--config", help="preset for task/rollout settings (default: CPU preset)")
+    ev.add_argument("overrides", nargs="*")
+    sample = sub.add_parser("sample", help="print k sampled COTs for a few questions, with their labels")
+    sample.add_argument("checkpoint")
+    sample.add_argument("--config")
+    sample.add_argument("--questions", type=int, default=3)
+    sample.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # `aftray run key=value` without a preset: argparse puts the first override in `config`
+    if args.command == "run" and args.config and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
+    config = args.config or default_preset()
+    cfg = _load(config, args.overrides)
+    if args.command == "run":
+        from aftray.loop.rounds import run_loop
+
+        run_loop(cfg)
+    elif args.command == "eval":
+        from aftray.loop.evaluate import evaluate_checkpoint
+
+        evaluate_checkpoint(cfg, args.checkpoint)
+    else:
+        from aftray.loop.evaluate import sample_checkpoint
+
+        sample_checkpoint(cfg, args.checkpoint, args.questions)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

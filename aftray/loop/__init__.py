@@ -1,0 +1,1 @@
+"""The round loop: offline/online rounds, evaluation, run directory, MLflow tracking, placement."""

@@ -1,0 +1,311 @@
+"""Placement: what the config asks of the Ray cluster, and a fast check that the cluster can hold it.
+
+Rollout actors live for the whole run (weights are refreshed in place), and Ray Train workers hold their
+bundles while a round trains, so both groups must fit *at the same time*. Sharing a GPU between the phases is
+expressed with fractional requests (e.g. `rollout.gpus_per_actor=0.5`, `train.gpus_per_worker=0.5`).
+
+Without this check an impossible request does not fail: Ray keeps the actor or placement group pending and the
+job hangs. `check_cluster_fits` compares the request with the alive nodes' totals (not what is free right now:
+a busy cluster is worth waiting for, an impossible one is not) and raises `PlacementError` naming what is
+missing. It only waits when an autoscaler that can launch nodes is running, and then at most `timeout_s`.
+
+The rollout and train code take their Ray options from here (`actor_options`, `scaling_config_kwargs`), so the
+check and the actual requests cannot drift apart.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from aftray.config import Config, ConfigError, RolloutConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+_EPS = 1e-9
+_PACK_SEARCH_LIMIT = 200_000  # backtracking steps; past this the check gives the benefit of the doubt
+# Bookkeeping resources Ray adds to every node; never part of a request, noise in messages.
+_HIDDEN = ("memory", "object_store_memory")
+_LIST_NODES = 12  # nodes named in an error message
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the rollout actors and train workers the config asks for."""
+
+
+@dataclass(frozen=True)
+class BundleGroup:
+    """`count` identical resource bundles, e.g. the rollout actors; `strategy` applies within the group."""
+    name: str
+    count: int
+    bundle: dict[str, float]
+    strategy: str = "PACK"
+
+
+# ---------------------------------------------------------------------------------------------- Ray options
+def _custom(resources: dict[str, float], key: str) -> dict[str, float]:
+    for name in resources:
+        if name in ("CPU", "GPU"):
+            raise ConfigError(f"{key}.{name}: expected a custom resource name (set CPUs/GPUs with the "
+                              f"cpus_per_*/gpus_per_* keys), got {name!r}")
+    return {k: float(v) for k, v in resources.items() if v}
+
+
+def actor_options(cfg: RolloutConfig) -> dict:
+    """Resource kwargs for one rollout actor: `map_batches(..., **actor_options(cfg))`, `.options(**...)`."""
+    return {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor,
+            "resources": _custom(cfg.resources, "rollout.resources")}
+
+
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """`ScalingConfig(resources_per_worker=...)` for one train worker."""
+    custom = _custom(cfg.resources, "train.resources")
+    out = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker, **custom}
+    return {k: v for k, v in out.items() if v}
+
+
+def scaling_config_kwargs(cfg: TrainConfig, strategy: str = "PACK") -> dict:
+    """Everything `ray.train.ScalingConfig` needs; `use_gpu` must agree with the GPU count or Ray refuses."""
+    return {"num_workers": cfg.num_workers, "use_gpu": cfg.gpus_per_worker > 0,
+            "resources_per_worker": worker_resources(cfg), "placement_strategy": strategy}
+
+
+def coordinator_resources() -> dict[str, float]:
+    """The trainer's coordinator: Ray Train v2 (the default) pins its controller to the driver's node with
+    num_cpus=0; the legacy v1 trainer actor takes one CPU."""
+    # Same rule as ray.train.v2._internal.constants.is_v2_enabled, without importing Ray Train (seconds).
+    v2 = os.environ.get("RAY_TRAIN_V2_ENABLED", "1").lower() in ("1", "true")
+    return {} if v2 else {"CPU": 1.0}
+
+
+def bundle_groups(cfg: Config) -> list[BundleGroup]:
+    r, t = cfg.rollout, cfg.train
+    rollout = {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor, **_custom(r.resources, "rollout.resources")}
+    strategy = cfg.cluster.placement_strategy  # Ray Train's placement group; Ray Data places actors singly
+    groups = [BundleGroup("rollout actors", r.num_actors, {k: v for k, v in rollout.items() if v}),
+              BundleGroup("train workers", t.num_workers, worker_resources(t), strategy)]
+    coord = coordinator_resources()
+    if coord:
+        groups.append(BundleGroup("train coordinator", 1, coord))
+    return [g for g in groups if g.bundle]  # a zero-resource actor fits anywhere
+
+
+def required_resources(cfg: Config) -> dict[str, float]:
+    """Total resources the run holds at once: rollout actors + train workers (+ the v1 coordinator)."""
+    total: dict[str, float] = {}
+    for g in bundle_groups(cfg):
+        for k, v in g.bundle.items():
+            total[k] = total.get(k, 0.0) + v * g.count
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- the check
+@dataclass(frozen=True)
+class Node:
+    name: str  # "ip (id prefix)" for messages
+    resources: dict[str, float]  # totals
+
+
+def cluster_nodes() -> list[Node]:
+    """Alive nodes of the connected Ray cluster with their total resources."""
+    import ray
+
+    nodes = []
+    for n in ray.nodes():
+        if n.get("Alive", n.get("alive")):
+            name = f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:6]})"
+            res = {k: float(v) for k, v in n.get("Resources", {}).items() if not k.startswith("node:")}
+            nodes.append(Node(name, res))
+    return nodes
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def _fmt(res: dict[str, float], needed: frozenset[str] = frozenset()) -> str:
+    """{CPU: 8, GPU: 1, rollout: 1}; Ray's bookkeeping resources only when the config asks for them."""
+    order = sorted(res, key=lambda k: (k != "CPU", k != "GPU", k))
+    keep = [k for k in order if k in needed or not (k in _HIDDEN or k.startswith("accelerator_type:"))]
+    return "{" + ", ".join(f"{k}: {_num(res[k])}" for k in keep) + "}"
+
+
+def _fits(bundle: dict[str, float], cap: dict[str, float]) -> bool:
+    return all(cap.get(k, 0.0) + _EPS >= v for k, v in bundle.items())
+
+
+def find_misfit(groups: list[BundleGroup], nodes: list[Node]) -> str | None:
+    """Why `groups` cannot be placed on `nodes` all at once, or None when they can. Pure (no Ray)."""
+    needed = frozenset(k for g in groups for k in g.bundle)
+    listed = [f"{n.name} {_fmt(n.resources, needed)}" for n in nodes[:_LIST_NODES]]
+    more = f"; +{len(nodes) - _LIST_NODES} more" if len(nodes) > _LIST_NODES else ""
+    where = "(nodes: " + ("; ".join(listed) or "none") + more + ")"
+    totals: dict[str, float] = {}
+    for n in nodes:
+        for k, v in n.resources.items():
+            totals[k] = totals.get(k, 0.0) + v
+
+    def need(g: BundleGroup) -> str:
+        return f"{g.name} need {g.count} x {_fmt(g.bundle)}"
+
+    # 1. every resource the config names must exist somewhere (typo'd or unlabelled custom resources)
+    for g in groups:
+        missing = [k for k in g.bundle if totals.get(k, 0.0) <= _EPS]
+        if missing:
+            has = ", ".join(f"{k}: 0" for k in missing)
+            return f"{need(g)}; the cluster has {has} {where}"
+    # 2. each single bundle must fit on one node (a 2-GPU worker needs a node with 2 GPUs)
+    for g in groups:
+        if not any(_fits(g.bundle, n.resources) for n in nodes):
+            return f"{need(g)}; no single node can hold one {_fmt(g.bundle)} {where}"
+    # 3. the totals must fit
+    want = {k: sum(g.bundle.get(k, 0.0) * g.count for g in groups) for k in needed}
+    short = sorted(k for k in needed if want[k] > totals.get(k, 0.0) + _EPS)
+    if short:
+        involved = " and ".join(need(g) for g in groups if set(g.bundle) & set(short))
+        return (f"{involved}: {_fmt({k: want[k] for k in short}, needed)} in all; the cluster has "
+                f"{_fmt({k: totals.get(k, 0.0) for k in short}, needed)} {where}")
+    # 4. and they must pack onto the nodes together (bins, not one pool)
+    if not _packs(groups, [dict(n.resources) for n in nodes]):
+        strict = "".join(f" ({g.name} use {g.strategy})" for g in groups if g.strategy.startswith("STRICT"))
+        return (f"{' and '.join(need(g) for g in groups)}{strict}: enough in total, but they do not fit onto "
+                f"the nodes together {where}")
+    return None
+
+
+def _packs(groups: list[BundleGroup], caps: list[dict[str, float]]) -> bool:
+    """Exact backtracking bin packing with symmetry pruning; True when a placement exists (or the search is
+    too large to finish, so we never reject what we cannot prove impossible)."""
+    items: list[tuple[int, dict[str, float]]] = []
+    spread: set[int] = set()
+    for gi, g in enumerate(groups):
+        if g.strategy == "STRICT_PACK":  # one node must hold the whole group
+            items.append((gi, {k: v * g.count for k, v in g.bundle.items()}))
+            continue
+        if g.strategy == "STRICT_SPREAD":
+            spread.add(gi)
+        items += [(gi, g.bundle)] * g.count
+    # biggest first (GPUs are the scarce dimension), identical items adjacent for the symmetry rule below
+    items.sort(key=lambda it: (-it[1].get("GPU", 0.0), -sum(it[1].values()), it[0]))
+    used: list[set[int]] = [set() for _ in caps]  # groups present on each node (STRICT_SPREAD)
+    steps = 0
+
+    def place(i: int, prev_node: int) -> bool:
+        nonlocal steps
+        steps += 1
+        if steps > _PACK_SEARCH_LIMIT:
+            raise TimeoutError
+        if i == len(items):
+            return True
+        gi, b = items[i]
+        same_as_prev = i > 0 and items[i - 1] == items[i]
+        start = (prev_node + (gi in spread)) if same_as_prev else 0  # identical items: non-decreasing nodes
+        seen = set()
+        for n in range(start, len(caps)):
+            state = (tuple(sorted(caps[n].items())), frozenset(used[n]))
+            if state in seen or (gi in spread and gi in used[n]) or not _fits(b, caps[n]):
+                continue
+            seen.add(state)  # an identical node would give the same subtree
+            for k, v in b.items():
+                caps[n][k] = caps[n].get(k, 0.0) - v
+            had = gi in used[n]
+            used[n].add(gi)
+            ok = place(i + 1, n)
+            for k, v in b.items():
+                caps[n][k] += v
+            if not had:
+                used[n].discard(gi)
+            if ok:
+                return True
+        return False
+
+    try:
+        return place(0, 0)
+    except TimeoutError:
+        return True
+
+
+def _autoscaler_can_add_nodes() -> bool:
+    """True when an autoscaler with launchable node types runs (cluster launcher, KubeRay). A plain
+    `ray start`/`ray.init()` cluster runs a read-only autoscaler whose node types are named `node_<id>`."""
+    import ray
+
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            from ray.autoscaler.v2.sdk import get_cluster_status
+
+            status = get_cluster_status(ray.get_runtime_context().gcs_address)
+            types = [n.ray_node_type_name for n in status.active_nodes + status.idle_nodes]
+        else:
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            raw = _internal_kv_get("__autoscaling_status")
+            types = list(json.loads(raw)["autoscaler_report"]["node_type_mapping"].values()) if raw else []
+        return any(t and not t.startswith("node_") for t in types)
+    except Exception as e:  # noqa: BLE001 -- status formats are internal to Ray: unknown = "don't wait"
+        logger.debug("autoscaler detection failed: %s", e)
+        return False
+
+
+def _fits_with_spare_cpu(cfg: Config) -> dict[str, float]:
+    """Ray Data's read and verify tasks need CPUs outside the actors; warn (not fail) if none is left."""
+    need = required_resources(cfg)
+    spare = sum(n.resources.get("CPU", 0.0) for n in cluster_nodes()) - need.get("CPU", 0.0)
+    if spare < 1 - _EPS:
+        logger.warning("placement: rollout actors and train workers take every CPU (%s left); Ray Data "
+                       "read/verify tasks will queue behind them. Lower cpus_per_actor/cpus_per_worker.",
+                       _num(max(spare, 0.0)))
+    return need
+
+
+def check_cluster_fits(cfg: Config, timeout_s: float | None = None) -> dict[str, float]:
+    """Raise `PlacementError` unless the connected cluster can hold every rollout actor and train worker.
+
+    Returns the required totals. Answers at once on a fixed-size cluster; with an autoscaler that can launch
+    nodes it asks for the bundles (`request_resources`) and re-checks for up to `timeout_s`
+    (default `cluster.precheck_timeout_s`; GPU nodes take minutes to boot, so raise it to scale from zero).
+    """
+    groups = bundle_groups(cfg)
+    problem = find_misfit(groups, cluster_nodes())
+    if problem is None:
+        return _fits_with_spare_cpu(cfg)
+    timeout = cfg.cluster.precheck_timeout_s if timeout_s is None else timeout_s
+    if timeout > 0 and _autoscaler_can_add_nodes():
+        from ray.autoscaler.sdk import request_resources
+
+        bundles = [dict(g.bundle) for g in groups for _ in range(g.count)]
+        logger.info("placement: waiting up to %.0f s for the autoscaler: %s", timeout, problem)
+        request_resources(bundles=bundles)
+        try:
+            deadline = time.monotonic() + timeout
+            while problem is not None and time.monotonic() < deadline:
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+                problem = find_misfit(groups, cluster_nodes())
+        finally:
+            request_resources(bundles=[])  # the actors hold the nodes from here; don't pin them after the job
+        if problem is None:
+            return _fits_with_spare_cpu(cfg)
+        problem += f" [waited {timeout:.0f} s for the autoscaler; raise cluster.precheck_timeout_s]"
+    raise PlacementError(f"cluster cannot hold this run: {problem}. Lower rollout.num_actors / "
+                         "train.num_workers or their per-actor resources, or add nodes that carry them "
+                         "(see docs/cluster.md).")
+
+
+__all__ = [
+    "BundleGroup",
+    "Node",
+    "PlacementError",
+    "actor_options",
+    "bundle_groups",
+    "check_cluster_fits",
+    "cluster_nodes",
+    "coordinator_resources",
+    "find_misfit",
+    "required_resources",
+    "scaling_config_kwargs",
+    "worker_resources",
+]

@@ -1,0 +1,132 @@
+"""MLflow tracking for a job: one MLflow run per job, params = flattened config, metrics with `step = round`.
+
+The tracking URI is `MLFLOW_TRACKING_URI` if set, else `tracking.tracking_uri`, else a sqlite file in the output
+dir. Every metric also lands in `<run_dir>/metrics.jsonl`, so when the tracking server is unreachable the run goes
+on (one warning) and nothing is lost. A resumed job re-attaches to its MLflow run (id kept in the run dir).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from aftray.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+# Keep a dead server from stalling the loop for minutes in MLflow's retry/backoff.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def tracking_uri(cfg: TrackingConfig, output_dir: str | Path) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    return f"sqlite:///{Path(output_dir).absolute() / 'mlflow.db'}"
+
+
+def _reachable(uri: str) -> bool:
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+class Tracker:
+    """Thin MLflow wrapper with a jsonl mirror. Use as a context manager; all methods are safe to call offline."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, run_name: str, output_dir: str | Path,
+                 parent_run_id: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.uri = tracking_uri(cfg, output_dir)
+        self.run_id: str | None = None
+        self._mlflow = None
+        if not cfg.enabled:
+            return
+        if not _reachable(self.uri):
+            self._warn(f"tracking server {self.uri} is unreachable")
+            return
+        try:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.uri)
+            experiment = mlflow.set_experiment(cfg.experiment)
+            id_file = self.run_dir / "mlflow_run_id"
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+            if id_file.is_file():  # resume: continue the same MLflow run
+                run = mlflow.MlflowClient().get_run(id_file.read_text().strip())
+                self.run_id = run.info.run_id
+            else:
+                run = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=run_name, tags=tags)
+                self.run_id = run.info.run_id
+                id_file.write_text(self.run_id)
+            self._mlflow = mlflow.MlflowClient()
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            self._warn(f"MLflow at {self.uri} failed ({type(err).__name__}: {err})")
+
+    def _warn(self, what: str) -> None:
+        if self._mlflow is not None or not getattr(self, "_warned", False):
+            log.warning("%s; metrics go to %s only", what, self.jsonl)
+        self._warned = True
+        self._mlflow = None
+
+    def _call(self, fn: str, *args, **kwargs) -> None:
+        if self._mlflow is None:
+            return
+        try:
+            getattr(self._mlflow, fn)(self.run_id, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            self._warn(f"MLflow {fn} failed ({type(err).__name__}: {err})")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        if self._mlflow is None:
+            return
+        try:  # a resumed run already has them; MLflow refuses to change a param
+            existing = self._mlflow.get_run(self.run_id).data.params
+        except Exception:  # noqa: BLE001
+            existing = {}
+        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self._call("log_batch", params=new[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        numeric = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **numeric}) + "\n")
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in numeric.items()]
+        for i in range(0, len(batch), 500):
+            self._call("log_batch", metrics=batch[i:i + 500])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if Path(path).exists():
+            self._call("log_artifact", str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self._call("set_tag", k, v)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("set_terminated", status)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish("FAILED" if exc_type else "FINISHED")

@@ -1,0 +1,19 @@
+"""Tasks: datasets as `Example` lists with a prompt renderer (`load_task(cfg) -> Task`)."""
+from __future__ import annotations
+
+from aftray.config import TaskConfig
+from aftray.tasks import aqua_rat, arith, ecqa, gsm8k
+from aftray.tasks.base import DataError, Example, Task
+
+LOADERS = {"gsm8k": gsm8k.load, "aqua_rat": aqua_rat.load, "ecqa": ecqa.load, "arith": arith.load}
+
+
+def load_task(cfg: TaskConfig) -> Task:
+    """The task named by `cfg.name`, its splits cut to `cfg.num_train` / `cfg.num_test` when set."""
+    task = LOADERS[cfg.name](cfg)
+    task.train = task.train[:cfg.num_train]
+    task.test = task.test[:cfg.num_test]
+    return task
+
+
+__all__ = ["DataError", "Example", "Task", "load_task"]

@@ -1,0 +1,101 @@
+"""Generated multi-step arithmetic: the CPU testbed, where correct COTs other than the reference exist.
+
+A problem is a start amount and independent gain/loss events, e.g.
+  "Ann has 43 eggs. Ann loses 26. Bob has 9 eggs. Ann gets 30. Ann gets 28. How many eggs does Ann have?"
+Every order of the events whose running totals stay >= 0 is a valid solution, and each problem with two or
+more events is generated to have at least two distinct ones; the reference COT takes a random valid order, in
+GSM8K style:
+  "43-26=17. 17+30=47. 47+28=75. #### 75"
+Knobs (`task.arith`): steps (min/max events), max_value (numbers in the story are below it), distractors
+(facts that do not change the answer). Texts are short, with a small character set, for a char-level model.
+Deterministic in `seed`; test questions never repeat a training question.
+"""
+from __future__ import annotations
+
+import random
+
+from aftray.config import ArithConfig, TaskConfig
+from aftray.tasks.base import Example, Task
+
+NAMES = ["Ann", "Tom", "Sue", "Bob", "Amy", "Sam"]  # not pronouns: a distractor person makes "he" ambiguous
+ITEMS = ["eggs", "pens", "cards", "coins", "books", "apples"]
+GAINS = ["gets", "finds", "buys"]
+LOSSES = ["loses", "sells", "gives away"]
+
+
+def has_two_orders(ops: list[int]) -> bool:
+    """Whether at least two distinct valid orders exist, given that the story order is valid.
+
+    Gains first, then losses, is always valid (the running total only falls to the final answer >= 0). So a
+    second order exists if the story order is not of that form, or if two different gains (or two different
+    losses) can swap places within it.
+    """
+    gains, losses = [o for o in ops if o > 0], [o for o in ops if o < 0]
+    return ops != gains + losses or len(set(gains)) > 1 or len(set(losses)) > 1
+
+
+def random_valid_order(start: int, ops: list[int], rng: random.Random) -> list[int]:
+    """Pick, step by step, a random event that keeps the total >= 0; any such prefix can be completed (gains
+    first, then losses), so every valid order can come out."""
+    order, remaining, total = [], list(ops), start
+    while remaining:
+        op = rng.choice([o for o in remaining if total + o >= 0])
+        order.append(op)
+        remaining.remove(op)
+        total += op
+    return order
+
+
+def cot_for(start: int, order: list[int]) -> str:
+    steps, total = [], start
+    for op in order:
+        steps.append(f"{total}{'+' if op > 0 else '-'}{abs(op)}={total + op}.")
+        total += op
+    return " ".join(steps) + f" #### {total}"
+
+
+def make_problem(rng: random.Random, cfg: ArithConfig) -> tuple[str, int, list[int]]:
+    """(question, start, events in story order) with valid running totals and, from 2 events on, >= 2 valid
+    orders (one always exists with a loss first: the start is >= 1)."""
+    n = rng.randint(cfg.min_steps, cfg.max_steps)
+    while True:
+        start = rng.randint(1, cfg.max_value - 1)
+        ops = [rng.choice((1, -1)) * rng.randint(1, cfg.max_value - 1) for _ in range(n)]
+        totals = [start + sum(ops[:i + 1]) for i in range(n)]
+        if min(totals) >= 0 and (n == 1 or has_two_orders(ops)):
+            break
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    events = [f"{name} {rng.choice(GAINS if o > 0 else LOSSES)} {abs(o)}." for o in ops]
+    for _ in range(cfg.distractors):  # another person's amount, or another item of the same person
+        other = rng.choice([p for p in NAMES if p != name])
+        other_item = rng.choice([i for i in ITEMS if i != item])
+        fact = rng.choice([f"{other} has {rng.randint(1, cfg.max_value - 1)} {item}.",
+                           f"{name} also has {rng.randint(1, cfg.max_value - 1)} {other_item}."])
+        events.insert(rng.randint(0, len(events)), fact)
+    question = " ".join([f"{name} has {start} {item}.", *events, f"How many {item} does {name} have?"])
+    return question, start, ops
+
+
+def generate(cfg: ArithConfig) -> tuple[list[Example], list[Example]]:
+    rng, seen, repeats = random.Random(cfg.seed), set(), 0
+    splits: dict[str, list[Example]] = {"train": [], "test": []}
+    for split, count in (("train", cfg.num_train), ("test", cfg.num_test)):
+        while len(splits[split]) < count:
+            question, start, ops = make_problem(rng, cfg)
+            if question in seen:
+                repeats += 1
+                if repeats > 10 * (cfg.num_train + cfg.num_test):
+                    raise ValueError(f"task.arith: cannot generate {cfg.num_train + cfg.num_test} distinct "
+                                     "questions with these knobs (raise max_value or max_steps)")
+                continue
+            seen.add(question)
+            cot = cot_for(start, random_valid_order(start, ops, rng))
+            answer = str(start + sum(ops))
+            splits[split].append(Example(id=f"arith-{split}-{len(splits[split])}", question=question,
+                                         answer=answer, cot=cot, raw_cot=cot))
+    return splits["train"], splits["test"]
+
+
+def load(cfg: TaskConfig) -> Task:
+    train, test = generate(cfg.arith)
+    return Task("arith", "number", train, test, cfg)

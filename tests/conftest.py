@@ -1,0 +1,42 @@
+"""Shared test setup: offline hub, caches inside the repo, one local Ray per test session."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("AFTRAY_CACHE_DIR", str(REPO / ".cache"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    from aftray.config import default_data_dir
+
+    path = default_data_dir()
+    if not (path / "gsm8k" / "train.jsonl").is_file():
+        pytest.skip(f"shared data not found at {path} (set AFTRAY_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with more logical CPUs than cores, so Ray Data tasks are not starved by long-lived actors."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path():
+    from aftray.config import ModelConfig, TinyModelConfig
+    from aftray.models import resolve_model_path
+
+    return resolve_model_path(ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(
+        hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=256)))

@@ -1,0 +1,75 @@
+"""Config: presets + overrides build typed sections; bad keys, types and values fail early, naming the key."""
+import time
+
+import pytest
+
+from aftray.config import Config, ConfigError, flatten, load_config, parse_overrides, save_config, to_dict
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(None, ["train.lr=1e-4", "rollout.k=8", "loop.rounds=3", "train.resources={trainer: 1}",
+                             "task.num_train=null"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.rollout.k == 8 and cfg.loop.rounds == 3
+    assert cfg.train.resources == {"trainer": 1.0}
+    assert cfg.task.num_train is None
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_name: x\ntrain:\n  lr: 3e-5\nloss:\n  name: aft_dc\n")
+    cfg = load_config(path, ["loss.beta=0.5"])
+    assert (cfg.run_name, cfg.train.lr, cfg.loss.name, cfg.loss.beta) == ("x", 3e-5, "aft_dc", 0.5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown key 'train.lrr'"),
+    ("nosection.x=1", "unknown key 'nosection'"),
+    ("train.lr=abc", "train.lr: expected float"),
+    ("rollout.k=2.5", "rollout.k: expected int"),
+    ("rollout.k=0", "rollout.k: expected an integer >= 1"),
+    ("train.lr=-1e-5", "train.lr: expected a learning rate > 0"),
+    ("loss.beta=-0.1", "loss.beta: expected a boundary margin >= 0"),
+    ("loss.name=nope", "loss.name: expected one of"),
+    ("rollout.engine=sglang", "rollout.engine: expected one of 'hf', 'vllm'"),
+    ("task.data_dir=/nonexistent/dir", "task.data_dir: expected a directory holding gsm8k/train.jsonl"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("trainlr", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, ["task.name=gsm8k", override])
+    assert time.monotonic() - start < 5  # fails before anything heavy (Ray) starts
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_presets_load(data_dir):
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert presets, "no presets in configs/"
+    for preset in presets:
+        load_config(preset)
+
+
+def test_round_trip_and_flatten(tmp_path):
+    cfg = load_config(None, ["train.lr=2e-5", "rollout.resources={rollout: 1}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    flat = flatten(to_dict(cfg))
+    assert flat["train.lr"] == 2e-5 and flat["rollout.resources.rollout"] == 1.0
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
