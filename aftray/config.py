@@ -137,7 +137,7 @@ class TrainConfig:
 @dataclass
 class LoopConfig:
     mode: Literal["online", "offline"] = "online"
-    rounds: int = 2
+    rounds: int = 2  # 0: only round 0 (the VFT stage, if any, and the starting model's evaluation)
     questions_per_round: int = 16  # online: fresh slice per round (offline: the whole training set)
     eval_questions: int = 50  # held-out questions for greedy accuracy
     eval_k: int = 0  # >0: also sample k per eval question for pass@k/maj@k on held-out data
@@ -404,7 +404,7 @@ def validate(cfg: Config) -> None:
     _check(lo.dpo_beta > 0, "loss.dpo_beta", "a value > 0", lo.dpo_beta)
     _check(lo.alignment_weight >= 0 and lo.vft_weight >= 0, "loss.alignment_weight", "weights >= 0", lo.alignment_weight)
     _check(lo.process_gap >= 0, "loss.process_gap", "a value >= 0", lo.process_gap)
-    _check(lp.rounds >= 1, "loop.rounds", "an integer >= 1", lp.rounds)
+    _check(lp.rounds >= 0, "loop.rounds", "an integer >= 0 (0: only round 0, the starting model)", lp.rounds)
     _check(lp.questions_per_round >= 1, "loop.questions_per_round", "an integer >= 1", lp.questions_per_round)
     _check(lp.eval_questions >= 0, "loop.eval_questions", "an integer >= 0", lp.eval_questions)
     _check(lp.mode != "offline" or lp.rounds == 1, "loop.rounds", "1 in offline mode (the paper's single round)", lp.rounds)

@@ -64,7 +64,7 @@ class RunDir:
         return read_parquet_rows(self.samples_path(r))
 
     def write_round_metrics(self, r: int, metrics: dict[str, Any]) -> None:
-        _atomic_json(self.metrics_path(r), metrics)
+        write_json(self.metrics_path(r), metrics)
 
     def read_round_metrics(self, r: int) -> dict[str, Any]:
         return json.loads(self.metrics_path(r).read_text())
@@ -88,7 +88,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _atomic_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(_clean(data), indent=2))
@@ -101,7 +101,7 @@ def write_summary(path: str | Path, summary: dict[str, Any]) -> None:
         missing += [f"rounds[{rec.get('round')}].{k}" for k in ROUND_KEYS if k not in rec]
     if missing:
         raise ValueError(f"summary.json is missing keys: {', '.join(missing)}")
-    _atomic_json(Path(path), summary)
+    write_json(Path(path), summary)
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,163 @@
+"""Compare losses, compute-matched: every arm of a seed starts from the same VFT model and sees the same questions,
+the same number of rounds, optimizer steps and samples per round.
+
+Per seed, a base run trains the VFT model and evaluates it (round 0). Each arm's run directory then gets a
+hard-linked copy of the base's round 0 and resumes from round 1, so the arms share the starting weights, the
+held-out candidate set and round 0's numbers. `vft` is the "VFT continued" control: the same extra steps spent
+on plain VFT on the reference COTs. Results: `comparison.json`, `comparison.md`, plots; one MLflow parent run
+with a child run per arm and seed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from aftray.config import load_config
+from aftray.loop.rounds import run_loop
+from aftray.loop.rundir import write_json
+from aftray.loop.tracking import Tracker
+
+log = logging.getLogger("aftray")
+
+# arm label -> loss name; the order is the table's
+ARMS = {
+    "vft_continued": "vft", "rft": "rft", "aft_dc": "aft_dc", "aft_bc": "aft_bc", "aft_rank_bc": "aft_rank_bc",
+    "dpo": "dpo", "dpo_bc": "dpo_bc", "rrhf": "rrhf", "rrhf_bc": "rrhf_bc", "pro": "pro", "pro_bc": "pro_bc",
+    "orpo": "orpo", "orpo_bc": "orpo_bc", "align_none": "align_none",
+}
+TRACKED = ("accuracy", "assessment_accuracy", "mean_score_pos", "mean_score_neg", "min_score_neg", "pass_at_k")
+
+
+def _link_round_zero(base_dir: Path, arm_dir: Path) -> None:
+    """The arm resumes after the base's round 0: hard links cost no disk and no time."""
+    if (arm_dir / "rounds" / "0" / "metrics.json").is_file():
+        return
+    shutil.copytree(base_dir / "rounds" / "0", arm_dir / "rounds" / "0", copy_function=os.link,
+                    dirs_exist_ok=True)
+
+
+def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_dir: str | Path,
+                   overrides: list[str] | None = None) -> dict:
+    out_dir = Path(out_dir).absolute()
+    overrides = list(overrides or [])
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"--arms: unknown {unknown}; expected some of {', '.join(ARMS)}")
+    first = load_config(preset, overrides + [f"output_dir={out_dir}"])  # fail fast on a bad preset/override
+    start = time.perf_counter()
+    runs: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    with Tracker(first.tracking, out_dir / "parent", out_dir.name, out_dir) as parent:
+        parent.log_params({"arms": ",".join(arms), "seeds": ",".join(map(str, seeds)), "preset": str(preset),
+                           "overrides": " ".join(overrides)})
+        for seed in seeds:
+            # the seed changes the model init, the sampling and the data order; the task stays the same
+            seeded = overrides + [f"output_dir={out_dir}", f"seed={seed}", f"model.tiny.seed={seed}",
+                                  f"train.seed={seed}", f"rollout.seed={seed}"]
+            base = load_config(preset, seeded + [f"run_name=base_s{seed}", "loop.rounds=0"])
+            run_loop(base, parent.run_id)
+            for arm in arms:
+                cfg = load_config(preset, seeded + [f"run_name={arm}_s{seed}", f"loss.name={ARMS[arm]}"])
+                _link_round_zero(base.run_dir, cfg.run_dir)
+                runs[arm][seed] = run_loop(cfg, parent.run_id)
+        result = aggregate(runs, first.loop.rounds)
+        result.update(preset=str(preset), overrides=overrides, seeds=seeds, arms=arms,
+                      wall_time_s=time.perf_counter() - start, versions=_versions())
+        write_json(out_dir / "comparison.json", result)
+        (out_dir / "comparison.md").write_text(markdown_table(result))
+        for path in plot_comparison(result, out_dir / "plots"):
+            parent.log_artifact(path, "plots")
+        parent.log_artifact(out_dir / "comparison.json")
+        parent.log_artifact(out_dir / "comparison.md")
+        parent.log_metrics({f"{arm}.final_accuracy": s["final"]["accuracy"]["mean"]
+                            for arm, s in result["arms"].items()}, step=first.loop.rounds)
+    log.info("comparison written to %s (%.0f s)", out_dir, result["wall_time_s"])
+    return result
+
+
+def _mean_std(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def aggregate(runs: dict[str, dict[int, dict]], rounds: int) -> dict:
+    """Mean ± std over seeds per arm and round; paired differences against the VFT-continued control."""
+    out: dict = {"arms": {}}
+    control = runs.get("vft_continued", {})
+    for arm, by_seed in runs.items():
+        per_round = {}
+        for r in range(rounds + 1):
+            recs = [s["rounds"][r] for s in by_seed.values() if len(s["rounds"]) > r]
+            per_round[r] = {k: _mean_std([rec.get(k) for rec in recs]) for k in TRACKED}
+        finals = {seed: s["rounds"][-1] for seed, s in by_seed.items()}
+        entry = {"rounds": per_round, "final": per_round[rounds],
+                 "per_seed_final_accuracy": {seed: f["accuracy"] for seed, f in finals.items()}}
+        if control and arm != "vft_continued":
+            diffs = [finals[s]["accuracy"] - control[s]["rounds"][-1]["accuracy"] for s in finals if s in control]
+            entry["delta_accuracy_vs_vft_continued"] = _mean_std(diffs)
+        out["arms"][arm] = entry
+    return out
+
+
+def _fmt(ms: dict, pct: bool = False) -> str:
+    if not ms or ms.get("n", 0) == 0:
+        return "–"
+    scale = 100 if pct else 1
+    return f"{ms['mean'] * scale:.1f} ± {ms['std'] * scale:.1f}" if pct else f"{ms['mean']:.3f} ± {ms['std']:.3f}"
+
+
+def markdown_table(result: dict) -> str:
+    seeds = result["seeds"]
+    lines = [f"Final round, mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))}); accuracy in %, "
+             "Δ = paired difference to VFT-continued (same seed).", "",
+             "| arm | accuracy | Δ vs VFT-cont. | assessment acc. | pass@k | mean s_pos | mean s_neg | min s_neg |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, e in result["arms"].items():
+        f = e["final"]
+        lines.append(f"| {arm} | {_fmt(f['accuracy'], True)} | {_fmt(e.get('delta_accuracy_vs_vft_continued'), True)}"
+                     f" | {_fmt(f['assessment_accuracy'], True)} | {_fmt(f['pass_at_k'], True)} | "
+                     f"{_fmt(f['mean_score_pos'])} | {_fmt(f['mean_score_neg'])} | {_fmt(f['min_score_neg'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for keys, name, ylabel in ((("accuracy",), "accuracy", "greedy accuracy"),
+                               (("assessment_accuracy",), "assessment", "assessment accuracy"),
+                               (("mean_score_pos", "mean_score_neg"), "scores", "token-averaged log-prob")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for arm, e in result["arms"].items():
+            for key in keys:
+                rounds = sorted(int(r) for r in e["rounds"])
+                mean = [e["rounds"][r][key]["mean"] for r in rounds]
+                std = [e["rounds"][r][key]["std"] for r in rounds]
+                style = "--" if key == "mean_score_neg" else "-"
+                line, = ax.plot(rounds, mean, style, marker="o", label=f"{arm} {key if len(keys) > 1 else ''}")
+                ax.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                alpha=0.12, color=line.get_color())
+        ax.set(xlabel="round", ylabel=ylabel, title=f"{ylabel} (mean ± std over seeds)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("torch", "ray", "deepspeed", "transformers", "mlflow")}

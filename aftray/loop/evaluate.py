@@ -1,0 +1,132 @@
+"""Evaluation each round: greedy accuracy on held-out questions, and assessment accuracy on a fixed candidate set.
+
+The candidate set is drawn once, at round 0, by the starting model: `rollout.k` COTs per held-out question
+(rounds/0/eval_candidates.parquet). Every round re-scores those same COTs with the current weights, so
+assessment accuracy (pairs with s_pos > s_neg) and the score health (mean s_pos, s_neg, min s_neg) are comparable
+across rounds — the paper's diagnostic. Round 0 also reports pass@k / maj@k from them; later rounds report pass@k
+and maj@k from their own rollout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from aftray.config import Config
+from aftray.loop.metrics import sample_metrics
+from aftray.loop.rundir import RunDir, read_parquet_rows
+
+log = logging.getLogger("aftray")
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, pool, answer_kind: str, eval_rows: list[dict], run_dir: RunDir):
+        self.cfg, self.pool, self.answer_kind, self.eval_rows, self.dir = cfg, pool, answer_kind, eval_rows, run_dir
+        self.candidates_path = run_dir.round_dir(0) / "eval_candidates.parquet"
+
+    def greedy_accuracy(self, r: int) -> float:
+        if not self.eval_rows:
+            return float("nan")
+        return greedy_accuracy(self.pool, self.eval_rows, r, self.cfg, self.answer_kind)
+
+    def candidates(self) -> list[dict]:
+        import ray
+
+        if not self.candidates_path.exists():
+            tmp = self.candidates_path.with_name(self.candidates_path.name + ".tmp")
+            groups = self.pool.generate_groups(ray.data.from_items(self.eval_rows), 0, self.cfg.verify,
+                                               self.answer_kind)
+            groups.write_parquet(str(tmp))
+            tmp.rename(self.candidates_path)
+        return read_parquet_rows(self.candidates_path)
+
+    def evaluate(self, r: int) -> dict:
+        start = time.perf_counter()
+        metrics = {"accuracy": self.greedy_accuracy(r)}
+        if self.eval_rows:
+            candidates = self.candidates()
+            # summed log-prob of every candidate COT under the current weights, token-averaged per group
+            summed = iter(self.pool.score([row["prompt_ids"] for row in candidates for _ in row["cot_ids"]],
+                                          [ids for row in candidates for ids in row["cot_ids"]]))
+            for row in candidates:
+                row["scores"] = [next(summed) / max(len(ids), 1) for ids in row["cot_ids"]]
+            held_out = sample_metrics(candidates, self.cfg.rollout.k)
+            keys = ["assessment_accuracy", "mean_score_pos", "mean_score_neg", "score_gap", "min_score_neg",
+                    "num_mixed_groups"]
+            if r == 0:  # round 0 has no rollout of its own: its sample statistics come from the candidates
+                keys += ["pass_at_k", "maj_at_k", "num_questions", "num_samples", "num_positive", "num_negative"]
+            metrics.update({k: held_out[k] for k in keys})
+        metrics["time_eval_s"] = time.perf_counter() - start
+        return metrics
+
+
+def greedy_params(cfg: Config):
+    from aftray.rollout import SamplingParams
+
+    return SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.rollout.seed)
+
+
+def greedy_accuracy(pool, rows: list[dict], r: int, cfg: Config, answer_kind: str) -> float:
+    """Exact-match accuracy of greedy decoding (one COT per question)."""
+    import ray
+
+    groups = pool.generate_groups(ray.data.from_items(rows), r, cfg.verify, answer_kind, greedy_params(cfg))
+    correct = groups.select_columns(["correct"]).take_all()
+    return sum(bool(len(g["correct"]) and g["correct"][0]) for g in correct) / len(correct)
+
+
+def write_sample_text(groups: list[dict], path: Path, per_label: int) -> None:
+    """A few positive and negative COTs of the round, for people reading the run (MLflow text artifact)."""
+    lines = []
+    for label in ("correct", "wrong_answer", "no_answer", "truncated"):
+        shown = 0
+        for row in groups:
+            for cot, lab, pred in zip(row["cots"], row["labels"], row["pred"]):
+                if lab == label and shown < per_label:
+                    lines.append(f"=== {label} | question {row['id']} | gold {row['answer']} | pred {pred!r}\n"
+                                 f"{row['prompt'][-300:]}\n--- COT ---\n{cot}\n")
+                    shown += 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) or "(no samples)\n")
+
+
+def _checkpoint_pool(cfg: Config, checkpoint: str):
+    from aftray.loop.rounds import start_ray
+    from aftray.models import load_tokenizer
+    from aftray.rollout import RolloutPool, question_rows
+    from aftray.tasks import load_task
+
+    task = load_task(cfg.task)
+    tokenizer = load_tokenizer(checkpoint, cfg.model.trust_remote_code)
+    rows = question_rows(task.test[:cfg.loop.eval_questions], task, tokenizer)
+    start_ray(cfg)
+    return RolloutPool(cfg.rollout, Path(checkpoint)), rows, task.answer_kind
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:
+    """`aftray eval`: greedy accuracy and, from k samples per question, pass@k / maj@k / assessment accuracy."""
+    import ray
+
+    pool, rows, answer_kind = _checkpoint_pool(cfg, checkpoint)
+    start = time.perf_counter()
+    accuracy = greedy_accuracy(pool, rows, 0, cfg, answer_kind)
+    sampled = pool.generate_groups(ray.data.from_items(rows), 0, cfg.verify, answer_kind).take_all()
+    result = {"checkpoint": checkpoint, "task": cfg.task.name, "num_questions": len(rows), "accuracy": accuracy,
+              **{k: v for k, v in sample_metrics(sampled, cfg.rollout.k).items() if k != "num_questions"},
+              "time_s": time.perf_counter() - start}
+    pool.shutdown()
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def sample_checkpoint(cfg: Config, checkpoint: str, questions: int) -> None:
+    """`aftray sample`: print k COTs for the first few held-out questions with their labels."""
+    import ray
+
+    pool, rows, answer_kind = _checkpoint_pool(cfg, checkpoint)
+    for group in pool.generate_groups(ray.data.from_items(rows[:questions]), 0, cfg.verify, answer_kind).take_all():
+        print(f"=== {group['id']} (gold {group['answer']})\n{group['prompt']}")
+        for cot, lab, proc in zip(group["cots"], group["labels"], group["process"]):
+            print(f"--- {lab} (process {proc:.2f})\n{cot}")
+    pool.shutdown()

@@ -1,0 +1,218 @@
+"""One aftray run: round 0 evaluates the starting model; rounds 1..R sample → verify → train → refresh → evaluate.
+
+Offline mode (the paper's recipe) is the same loop with R = 1: round 0 runs the VFT stage on reference COTs, round
+1 samples k COTs for every training question with the VFT model and runs one alignment stage. Online mode samples
+a fresh slice of questions each round with the current weights. With `loop.overlap`, round r+1's rollout runs
+while round r trains (its samples are one round stale); by default the loop is strictly on-policy.
+
+A round is the unit of resume: its samples, checkpoint and metrics.json are durable, and a re-run with the same
+run name continues after the last finished round without redoing finished work (samples or a finished stage
+found on disk are reused).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aftray.config import Config, flatten, save_config, to_dict
+from aftray.loop.evaluate import Evaluator, write_sample_text
+from aftray.loop.metrics import sample_metrics
+from aftray.loop.plots import plot_run
+from aftray.loop.rundir import RunDir, write_summary
+from aftray.loop.tracking import Tracker
+
+log = logging.getLogger("aftray")
+
+
+def start_ray(cfg: Config):
+    """Join the cluster named by cluster.address / RAY_ADDRESS (set by `ray job submit`), else start a local one."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # more logical CPUs than cores: long-lived rollout actors must not starve Ray Data's tasks
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
+                 dashboard_host="127.0.0.1")
+    return ray
+
+
+def round_questions(rows: list[dict], cfg: Config, r: int) -> list[dict]:
+    """Offline: every training question. Online: round r's slice of one seeded shuffle (wrapping around)."""
+    if cfg.loop.mode == "offline":
+        return rows
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    q = cfg.loop.questions_per_round
+    return [rows[order[(i + (r - 1) * q) % len(rows)]] for i in range(q)]
+
+
+def vft_rows(rows: list[dict]) -> list[dict]:
+    """Question rows as group rows without samples: the VFT stage learns their reference COTs."""
+    empty = {"cots": [], "cot_ids": [], "sample_logp": [], "finish_reasons": [], "pred": [], "labels": [],
+             "correct": [], "process": [], "rank": [], "counts": [], "num_sampled": 0, "weights_version": 0}
+    return [{**{k: row[k] for k in ("id", "prompt", "prompt_ids", "answer", "ref_cot", "ref_cot_ids")}, **empty}
+            for row in rows]
+
+
+class Run:
+    """The state one run needs across rounds: config, run dir, pool of samplers, tracker."""
+
+    def __init__(self, cfg: Config):
+        from aftray.loop.placement import check_cluster_fits
+        from aftray.models import load_tokenizer, resolve_model_path
+        from aftray.rollout import RolloutPool, question_rows
+        from aftray.tasks import load_task
+
+        self.cfg, self.dir = cfg, RunDir(cfg.run_dir)
+        save_config(cfg, self.dir.config_path)
+        self.task = load_task(cfg.task)
+        self.base_model = resolve_model_path(cfg.model)
+        tokenizer = load_tokenizer(self.base_model, cfg.model.trust_remote_code)
+        self.train_rows = question_rows(self.task.train, self.task, tokenizer)
+        self.eval_rows = question_rows(self.task.test[:cfg.loop.eval_questions], self.task, tokenizer)
+        log.info("task %s: %d train / %d eval questions; model %s", cfg.task.name, len(self.train_rows),
+                 len(self.eval_rows), self.base_model)
+        start_ray(cfg)
+        check_cluster_fits(cfg)
+        self.finished = self.dir.finished_rounds()
+        self.version = max(self.finished, default=-1)
+        self.weights = self.checkpoint_of(self.version)
+        self.pool = RolloutPool(cfg.rollout, self.weights)
+        if self.version > 0:  # resumed: the weights are labelled with the round that produced them
+            self.pool.refresh(self.weights, self.version)
+        self.evaluator = Evaluator(cfg, self.pool, self.task.answer_kind, self.eval_rows, self.dir)
+
+    def checkpoint_of(self, r: int) -> Path:
+        """Weights after round r (round 0: after the VFT stage, if there was one); the base model before any."""
+        for k in range(r, -1, -1):
+            if (self.dir.checkpoint_dir(k) / "config.json").is_file():
+                return self.dir.checkpoint_dir(k)
+        return self.base_model
+
+    # -------------------------------------------------------------------------------------------- phases
+    def rollout(self, r: int) -> dict:
+        """Sample k COTs per question with the current samplers, verify, write rounds/<r>/samples.parquet."""
+        out = self.dir.samples_path(r)
+        if out.exists():
+            return {"time_rollout_s": 0.0, "time_verify_s": 0.0, "rollout_tokens": 0, "reused_samples": 1}
+        import ray
+
+        start = time.perf_counter()
+        questions = ray.data.from_items(round_questions(self.train_rows, self.cfg, r))
+        groups = self.pool.generate_groups(questions, r, self.cfg.verify, self.task.answer_kind)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        groups.write_parquet(str(tmp))  # streamed: generation, verification and writing overlap
+        tmp.rename(out)
+        wall = time.perf_counter() - start
+        stats = self.pool.metrics(r)  # verify seconds and generated tokens, summed over the round's batches
+        return {"time_rollout_s": wall - stats["time_verify_s"], "time_verify_s": stats["time_verify_s"],
+                "rollout_tokens": stats["rollout_tokens"], "truncated_prompts": stats["truncated_prompts"]}
+
+    def train(self, r: int, stage: str = "align") -> dict:
+        from aftray.train.stage import train_stage
+
+        groups = vft_rows(self.train_rows) if stage == "vft" else self.dir.samples_path(r)
+        start = time.perf_counter()
+        result = train_stage(stage, groups, self.weights, self.dir.round_dir(r), self.cfg.train, self.cfg.loss,
+                             trust_remote_code=self.cfg.model.trust_remote_code,
+                             placement_strategy=self.cfg.cluster.placement_strategy)
+        self.weights = result.checkpoint
+        return {"time_train_s": time.perf_counter() - start, "train_loss": result.metrics["train_loss"],
+                "train_steps": result.metrics["steps"], "train_tokens_per_s": result.metrics["tokens_per_s"],
+                **{f"train_{k}": v for k, v in result.history[-1].items()
+                   if k in ("pair_acc", "s_pos", "s_neg", "alignment", "constraint", "vft")}}
+
+    def refresh(self, r: int) -> dict:
+        seconds = self.pool.refresh(self.weights, version=r)
+        self.version = r
+        return {"time_sync_s": seconds}
+
+    # -------------------------------------------------------------------------------------------- rounds
+    def round_zero(self, tracker: Tracker) -> None:
+        """Evaluate the starting model; first train it with VFT when configured (offline mode always)."""
+        metrics = {"round": 0, "train_loss": float("nan"), "time_rollout_s": 0.0, "time_verify_s": 0.0,
+                   "time_train_s": 0.0, "time_sync_s": 0.0, "rollout_tokens_per_s": float("nan"),
+                   "train_tokens_per_s": float("nan")}
+        start = time.perf_counter()
+        if self.cfg.train.vft_steps > 0 or self.cfg.loop.mode == "offline":
+            log.info("round 0: VFT stage on %d reference COTs", len(self.train_rows))
+            metrics.update(self.train(0, stage="vft"))
+            metrics.update(self.refresh(0))
+        metrics.update(self.evaluator.evaluate(0))
+        self.finish_round(0, metrics, time.perf_counter() - start, tracker)
+
+    def run_round(self, r: int, tracker: Tracker, prefetched: dict | None = None) -> None:
+        start = time.perf_counter()
+        metrics = {"round": r, **(prefetched or self.rollout(r))}
+        groups = self.dir.read_samples(r)
+        metrics.update(sample_metrics(groups, self.cfg.rollout.k))
+        metrics["rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / max(metrics["time_rollout_s"], 1e-9)
+        write_sample_text(groups, self.dir.round_dir(r) / "samples.txt", self.cfg.loop.samples_to_log)
+        # rollout-side assessment is the sampling policy judging its own samples; the evaluator re-scores a
+        # fixed held-out candidate set with the trained weights (the `assessment_accuracy` of the round)
+        metrics = {f"rollout_{k}" if k in ("assessment_accuracy", "mean_score_pos", "mean_score_neg",
+                                           "score_gap", "min_score_neg") else k: v for k, v in metrics.items()}
+        with ThreadPoolExecutor(1) as ahead:
+            # one round stale: round r+1's samples come from the weights that entered round r
+            next_rollout = (ahead.submit(self.rollout, r + 1)
+                            if self.cfg.loop.overlap and r < self.cfg.loop.rounds else None)
+            metrics.update(self.train(r))
+            self.prefetched = next_rollout.result() if next_rollout else None
+        metrics.update(self.refresh(r))
+        metrics.update(self.evaluator.evaluate(r))
+        self.finish_round(r, metrics, time.perf_counter() - start, tracker)
+
+    def finish_round(self, r: int, metrics: dict, wall: float, tracker: Tracker) -> None:
+        phases = sum(metrics.get(k, 0.0) for k in ("time_rollout_s", "time_verify_s", "time_train_s",
+                                                     "time_sync_s", "time_eval_s"))
+        metrics.update(time_round_s=wall, time_overhead_s=max(wall - phases, 0.0), weights_version=self.version)
+        self.dir.write_round_metrics(r, metrics)  # written last: marks the round finished
+        tracker.log_metrics(metrics, step=r)
+        tracker.log_artifact(self.dir.round_dir(r) / "samples.txt", f"rounds/{r}")
+        log.info("round %d: accuracy %.3f  assessment %.3f  pass@k %.3f  train_loss %.4f  (%.0fs: rollout %.0f, "
+                 "verify %.1f, train %.0f, sync %.1f, eval %.0f)", r, metrics["accuracy"],
+                 metrics["assessment_accuracy"], metrics["pass_at_k"], metrics["train_loss"], wall,
+                 metrics["time_rollout_s"], metrics["time_verify_s"], metrics["time_train_s"],
+                 metrics["time_sync_s"], metrics["time_eval_s"])
+
+    def summary(self) -> dict:
+        cfg = self.cfg
+        rounds = [self.dir.read_round_metrics(r) for r in self.dir.finished_rounds()]
+        return {"run_name": cfg.run_name, "mode": cfg.loop.mode, "loss": cfg.loss.name,
+                "model": cfg.model.name_or_path, "task": cfg.task.name, "rounds": rounds,
+                "final": {**rounds[-1], "checkpoint": str(self.checkpoint_of(rounds[-1]["round"]))}}
+
+
+def run_loop(cfg: Config, parent_run_id: str | None = None) -> dict:
+    """Run (or resume) every round of `cfg`; returns the summary (also at <run_dir>/summary.json)."""
+    run = Run(cfg)
+    with Tracker(cfg.tracking, run.dir.root, cfg.run_name, cfg.output_dir, parent_run_id) as tracker:
+        tracker.log_params(flatten(to_dict(cfg)))
+        tracker.log_artifact(run.dir.config_path)
+        if run.finished:
+            log.info("resuming %s after round %d", run.dir.root, max(run.finished))
+        if 0 not in run.finished:
+            run.round_zero(tracker)
+        run.prefetched = None
+        for r in range(max(run.dir.finished_rounds()) + 1, cfg.loop.rounds + 1):
+            log.info("round %d/%d", r, cfg.loop.rounds)
+            run.run_round(r, tracker, run.prefetched)
+        summary = run.summary()
+        write_summary(run.dir.summary_path, summary)
+        for path in plot_run(summary, run.dir.plots_dir):
+            tracker.log_artifact(path, "plots")
+        tracker.log_artifact(run.dir.summary_path)
+        run.pool.shutdown()
+    log.info("done: summary %s, plots %s, MLflow %s (run %s)", run.dir.summary_path, run.dir.plots_dir,
+             tracker.uri, tracker.run_id)
+    return summary

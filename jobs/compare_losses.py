@@ -1,0 +1,39 @@
+"""Compare losses on one preset over several seeds, compute-matched (see aftray/loop/compare.py).
+
+    python jobs/compare_losses.py --config configs/arith_compare.yaml \
+        --arms vft_continued,rft,aft_bc --seeds 0,1,2 --out runs/compare [key=value ...]
+
+Writes <out>/comparison.json, comparison.md and plots/, and logs one MLflow parent run with a child run per arm
+and seed. `--results-md docs/results.md` also refreshes the generated part of that page.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aftray.loop.compare import ARMS, run_comparison  # noqa: E402
+from aftray.loop.report import update_results_page  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/arith_compare.yaml")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--results-md", help="refresh the generated section of this markdown page")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    result = run_comparison(args.config, args.arms.split(","), [int(s) for s in args.seeds.split(",")], args.out,
+                            args.overrides)
+    if args.results_md:
+        update_results_page(result, Path(args.out), Path(args.results_md), " ".join(sys.argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

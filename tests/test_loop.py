@@ -1,0 +1,162 @@
+"""End-to-end: the loop on the arith preset (tiny model from scratch), online and offline, resume after SIGKILL,
+`ray job submit` to a local head node, and a two-node cluster with rollout and training on different nodes."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aftray.config import load_config
+from aftray.loop.rundir import ROUND_KEYS, read_summary
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "configs" / "arith_cpu.yaml"
+# A small but complete arith run: VFT warm-up, then rounds of rollout -> verify -> train -> refresh -> eval.
+SMALL = ["task.arith.num_train=400", "task.num_test=30", "loop.eval_questions=30", "loop.questions_per_round=16",
+         "train.vft_steps=30", "train.steps_per_round=4", "rollout.k=4", "tracking.experiment=test"]
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(PRESET, [f"output_dir={tmp_path}", *SMALL, *extra])
+
+
+def _check_summary(run_dir: Path, rounds: int, mode: str) -> dict:
+    summary = read_summary(run_dir / "summary.json")
+    assert summary["mode"] == mode and summary["task"] == "arith"
+    assert [r["round"] for r in summary["rounds"]] == list(range(rounds + 1))
+    for rec in summary["rounds"]:
+        assert set(ROUND_KEYS) <= set(rec)
+        assert 0.0 <= rec["accuracy"] <= 1.0
+    for r in range(1, rounds + 1):
+        rec = summary["rounds"][r]
+        assert rec["num_samples"] > 0 and rec["time_train_s"] > 0 and rec["train_loss"] == rec["train_loss"]
+        assert (run_dir / "rounds" / str(r) / "checkpoint" / "model.safetensors").is_file()
+        assert (run_dir / "rounds" / str(r) / "samples.parquet").exists()
+    assert {p.name for p in (run_dir / "plots").glob("*.png")} >= {"accuracy.png", "scores.png", "phase_times.png"}
+    return summary
+
+
+def test_online_aft_bc_two_rounds(tmp_path, ray_local):
+    import mlflow
+
+    from aftray.loop.rounds import run_loop
+
+    cfg = _cfg(tmp_path, "loop.rounds=2", "loss.name=aft_bc", "run_name=online")
+    summary = run_loop(cfg)
+    _check_summary(cfg.run_dir, 2, "online")
+    assert summary["rounds"][2]["weights_version"] == 2
+    # the samplers took each round's weights: round 1 was sampled by version 0, round 2 by version 1
+    from aftray.loop.rundir import read_parquet_rows
+    assert {r["weights_version"] for r in read_parquet_rows(cfg.run_dir / "rounds" / "2" / "samples.parquet")} == {1}
+    # MLflow: one run, every round metric at step = round, the artifacts
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = (cfg.run_dir / "mlflow_run_id").read_text()
+    assert [m.step for m in client.get_metric_history(run_id, "accuracy")] == [0, 1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "summary.json", "plots"} <= artifacts
+
+
+def test_offline_single_round(tmp_path, ray_local):
+    from aftray.loop.rounds import run_loop
+
+    cfg = _cfg(tmp_path, "loop.mode=offline", "loop.rounds=1", "task.arith.num_train=48", "run_name=offline")
+    run_loop(cfg)
+    summary = _check_summary(cfg.run_dir, 1, "offline")
+    assert (cfg.run_dir / "rounds" / "0" / "checkpoint" / "model.safetensors").is_file()  # the VFT stage
+    assert summary["rounds"][1]["num_questions"] == 48  # offline: every training question is sampled
+
+
+def _job_cmd(tmp_path, *extra):
+    return [sys.executable, str(REPO / "jobs" / "aft_gsm8k.py"), "--config", str(PRESET),
+            f"output_dir={tmp_path}", *SMALL, "run_name=resume", *extra]
+
+
+def test_resume_after_driver_sigkill(tmp_path):
+    cmd = _job_cmd(tmp_path, "loop.rounds=2")
+    run_dir = tmp_path / "resume"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 480
+    while not (run_dir / "rounds" / "1" / "metrics.json").is_file():
+        assert proc.poll() is None, "the job ended before round 1 finished"
+        assert time.time() < deadline, "round 1 did not finish in time"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, between rounds
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+    round1 = (run_dir / "rounds" / "1" / "metrics.json").stat().st_mtime_ns
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming" in out.stderr and "after round 1" in out.stderr
+    assert (run_dir / "rounds" / "1" / "metrics.json").stat().st_mtime_ns == round1  # not redone
+    _check_summary(run_dir, 2, "online")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_local_head(tmp_path):
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                             f"--temp-dir={tmp_path / 'ray'}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.time() < deadline, "the head node's job server did not come up"
+            time.sleep(2)
+        out = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             "python", "jobs/aft_gsm8k.py", "--config", "configs/arith_cpu.yaml", f"output_dir={tmp_path / 'out'}",
+             *SMALL, "loop.rounds=1", "run_name=submitted"],
+            env=env, capture_output=True, text=True, timeout=600)
+        logs = out.stdout + out.stderr
+        assert out.returncode == 0, logs[-3000:]
+        assert "succeeded" in logs and "round 1:" in logs and "round 0:" in logs
+        _check_summary(tmp_path / "out" / "submitted", 1, "online")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def test_two_node_placement(tmp_path):
+    """Rollout actors on the node with the `rollout` resource, train workers on the `trainer` node."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from aftray.loop.rounds import run_loop
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    rollout_node = cluster.add_node(num_cpus=2, resources={"rollout": 1})
+    trainer_node = cluster.add_node(num_cpus=2, resources={"trainer": 1})
+    try:
+        ray.init(address=cluster.address)
+        cfg = _cfg(tmp_path, "loop.rounds=1", "run_name=two_node", "rollout.resources={rollout: 1}",
+                   "train.resources={trainer: 1}", f"cluster.address={cluster.address}")
+        run_loop(cfg)
+        _check_summary(cfg.run_dir, 1, "online")
+        actors = list_actors(detail=True, limit=1000)
+        engines = {a.node_id for a in actors if a.class_name == "EngineActor"}
+        workers = {a.node_id for a in actors if a.class_name == "RayTrainWorker"}
+        assert engines == {rollout_node.node_id}
+        assert workers == {trainer_node.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -1,0 +1,214 @@
+"""aftray.train.scores: collate of group rows, one-pass COT scores, packed == padded."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from aftray.config import LossConfig
+from aftray.train.losses import OBJECTIVES
+from aftray.train.scores import _fit, collate_groups, score_groups, sequence_logps
+
+VOCAB = 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only contend with the other processes of a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(attn="sdpa", seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         attn_implementation=attn)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def make_rows(gen, sizes=(3, 1, 4, 0)):
+    rand = lambda n: torch.randint(1, VOCAB, (n,), generator=gen).tolist()  # noqa: E731
+    rows = []
+    for k in sizes:
+        rows.append(dict(
+            prompt_ids=rand(int(torch.randint(3, 9, (), generator=gen))), ref_cot_ids=rand(7),
+            cot_ids=[rand(int(torch.randint(2, 12, (), generator=gen))) for _ in range(k)],
+            correct=(torch.rand(k, generator=gen) < 0.5).tolist(),
+            rank=torch.randint(1, 4, (k,), generator=gen).tolist(),
+            process=torch.rand(k, generator=gen).tolist(),
+            sample_logp=(-20 * torch.rand(k, generator=gen)).tolist()))
+    return rows
+
+
+def naive_logps(model, prompt, cot):
+    """S(c) of one sequence alone: no padding, no packing."""
+    ids = torch.tensor([prompt + cot])
+    logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    token_logp = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return token_logp[len(prompt) - 1:].sum()
+
+
+def test_collate_keeps_groups_and_labels():
+    rows = make_rows(torch.Generator().manual_seed(0))
+    batch = collate_groups(rows, max_seq_len=64)
+    assert batch.mask.shape == (4, 4) and batch.mask.sum(1).tolist() == [3, 1, 4, 0]
+    assert len(batch.seq_group) == 4 + 8  # one reference COT per group, every sampled COT
+    assert batch.seq_group.tolist() == sorted(batch.seq_group.tolist())  # a group's sequences stay together
+    for g, row in enumerate(rows):
+        k = len(row["cot_ids"])
+        assert batch.positive[g, :k].tolist() == row["correct"] and batch.ranks[g, :k].tolist() == row["rank"]
+        assert torch.allclose(batch.ref_logp[g, :k], torch.tensor(row["sample_logp"]))
+        assert batch.cot_tokens[g, :k].tolist() == [len(c) for c in row["cot_ids"]]
+        assert batch.ref_tokens[g] == len(row["ref_cot_ids"])
+    # scored tokens are exactly the COT tokens: sum of targets == all COT lengths, none in the first position
+    assert batch.targets.sum() == batch.cot_tokens.sum() + batch.ref_tokens.sum()
+    assert not batch.targets[:, 0].any() and batch.num_truncated == 0
+    ids, att = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    assert (batch.targets <= att.bool()).all() and ids[~att.bool()].eq(0).all()
+
+
+def test_collate_flags_and_numpy_rows():
+    rows = make_rows(torch.Generator().manual_seed(1))
+    as_numpy = [{k: np.asarray(v) for k, v in r.items() if k != "cot_ids"} for r in rows]
+    for r, src in zip(as_numpy, rows, strict=True):  # Ray Data hands ragged lists as object arrays of arrays
+        r["cot_ids"] = np.empty(len(src["cot_ids"]), dtype=object)
+        for i, cot in enumerate(src["cot_ids"]):
+            r["cot_ids"][i] = np.asarray(cot)
+    a, b = collate_groups(rows, 64, packed=True), collate_groups(as_numpy, 64, packed=True)
+    assert torch.equal(a.inputs["input_ids"], b.inputs["input_ids"]) and torch.equal(a.ranks, b.ranks)
+    only_ref = collate_groups(rows, 64, with_samples=False)
+    assert only_ref.mask.shape == (4, 0) and len(only_ref.seq_group) == 4
+    only_samples = collate_groups(rows, 64, with_ref=False)
+    assert (only_samples.seq_slot >= 0).all() and only_samples.ref_tokens.sum() == 0
+
+
+def test_packing_fills_rows_of_max_seq_len():
+    rows = make_rows(torch.Generator().manual_seed(8), sizes=(6, 5, 7))
+    batch = collate_groups(rows, 32, packed=True)
+    ids, pos = batch.inputs["input_ids"], batch.inputs["position_ids"]
+    assert ids.shape[1] <= 32 and 1 < ids.shape[0] < len(batch.seq_group)
+    seen = []
+    for r in range(ids.shape[0]):  # each block starts at position 0: a whole sequence or a row's tail padding
+        starts = torch.nonzero(pos[r] == 0).flatten().tolist() + [ids.shape[1]]
+        for a, e in zip(starts, starts[1:], strict=False):
+            assert pos[r, a:e].tolist() == list(range(e - a))
+            if batch.targets[r, a:e].any():
+                seen += batch.seq_index[r, a:e].unique().tolist()
+            else:
+                assert (ids[r, a:e] == 0).all()
+    assert sorted(seen) == list(range(len(batch.seq_group)))
+
+
+def test_fit_truncation_rule():
+    p, c = list(range(10)), list(range(100, 200))
+    assert _fit(p, c, 200) == (p, c)
+    assert _fit(p, c, 64) == (p, c[:54])  # the COT keeps its head
+    long_p = list(range(100))
+    assert _fit(long_p, c[:10], 64) == (long_p[-54:], c[:10])  # the prompt keeps its tail
+    assert _fit(long_p, c, 64) == (long_p[-32:], c[:32])  # the prompt keeps half the budget
+
+
+def test_truncated_cots_lose_their_dpo_reference():
+    rows = make_rows(torch.Generator().manual_seed(2), sizes=(2,))
+    rows[0]["cot_ids"][1] = list(range(1, 31))
+    batch = collate_groups(rows, max_seq_len=len(rows[0]["prompt_ids"]) + 12)
+    assert batch.num_truncated == 1 and batch.cot_tokens[0, 1] == 12
+    assert torch.isfinite(batch.ref_logp[0, 0]) and torch.isnan(batch.ref_logp[0, 1])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_equals_padded_equals_naive(attn):
+    model = tiny_llama(attn)
+    rows = make_rows(torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        padded = sequence_logps(model, collate_groups(rows, 64))
+        packed_batch = collate_groups(rows, 64, packed=True)
+        packed = sequence_logps(model, packed_batch)
+        naive = []
+        for row in rows:
+            for cot in [row["ref_cot_ids"]] + row["cot_ids"]:
+                naive.append(naive_logps(model, row["prompt_ids"], cot))
+    assert packed_batch.inputs["input_ids"].shape[0] > 1 and "attention_mask" not in packed_batch.inputs
+    one_row = sequence_logps(model, collate_groups(rows, 512, packed=True))
+    assert torch.allclose(one_row, padded, atol=1e-5)
+    assert torch.allclose(padded, torch.stack(naive), atol=1e-5)
+    assert torch.allclose(packed, padded, atol=1e-5)
+
+
+class FlashLabelled(torch.nn.Module):
+    """The sdpa model under a flash-attention label (sdpa builds the block mask over one row just as well)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.shapes = model, []
+        self.config = SimpleNamespace(_attn_implementation="flash_attention_2")
+
+    def forward(self, **inputs):
+        self.shapes.append(tuple(inputs["input_ids"].shape))
+        return self.model(**inputs)
+
+
+def test_flash_attention_gets_packed_rows_as_one_row(model):
+    """flash-attention detects packing in a single row only, so the packed rows go in flattened."""
+    rows = make_rows(torch.Generator().manual_seed(9))
+    packed = collate_groups(rows, 32, packed=True)
+    flash = FlashLabelled(model)
+    with torch.no_grad():
+        flat, padded = sequence_logps(flash, packed), sequence_logps(model, collate_groups(rows, 32))
+    assert packed.inputs["input_ids"].shape[0] > 1 and flash.shapes == [(1, packed.targets.numel())]
+    assert torch.allclose(flat, padded, atol=1e-5)
+
+
+def test_packed_attention_does_not_cross_sequences(model):
+    rows = make_rows(torch.Generator().manual_seed(4), sizes=(2, 2))
+    with torch.no_grad():
+        before = sequence_logps(model, collate_groups(rows, 64, packed=True))
+        rows[0]["cot_ids"][0] = [(t % (VOCAB - 1)) + 1 for t in rows[0]["cot_ids"][0]]  # change one sequence
+        after = sequence_logps(model, collate_groups(rows, 64, packed=True))
+    changed = (before - after).abs() > 1e-6
+    assert changed.tolist() == [False, True, False, False, False, False]
+
+
+def test_score_groups_fills_the_scored_batch(model):
+    rows = make_rows(torch.Generator().manual_seed(5))
+    batch = collate_groups(rows, 64, packed=True)
+    scored = score_groups(model, batch)
+    with torch.no_grad():
+        for g, row in enumerate(rows):
+            want = naive_logps(model, row["prompt_ids"], row["ref_cot_ids"])
+            assert scored.vft_logp[g].item() == pytest.approx(want.item(), abs=1e-5)
+            for k, cot in enumerate(row["cot_ids"]):
+                want = naive_logps(model, row["prompt_ids"], cot)
+                assert scored.logp[g, k].item() == pytest.approx(want.item(), abs=1e-5)
+    assert (scored.logp[~scored.mask] == 0).all() and (scored.scores <= 0).all()
+    model.zero_grad()
+    loss, _ = OBJECTIVES["aft_bc"](LossConfig(), scored)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_bf16_model_scores_in_fp32():
+    model = tiny_llama().to(torch.bfloat16)
+    rows = make_rows(torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        scored = score_groups(model, collate_groups(rows, 64))
+        loss, metrics = OBJECTIVES["aft_bc"](LossConfig(), scored)
+    assert scored.logp.dtype == torch.float32 and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_vft_stage_rows(model):
+    rows = make_rows(torch.Generator().manual_seed(7), sizes=(0, 0))
+    scored = score_groups(model, collate_groups(rows, 64, packed=True))
+    loss, metrics = OBJECTIVES["vft"](LossConfig(name="vft"), scored)
+    assert scored.mask.shape == (2, 0) and loss.item() == pytest.approx(
+        (-scored.vft_logp.sum() / scored.vft_tokens.sum()).item())
