@@ -23,13 +23,15 @@ def main() -> int:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--base-per-seed", action="store_true",
+                        help="train a VFT base per seed (default: one base shared by all seeds, as in the paper)")
     parser.add_argument("--results-md", help="refresh the generated section of this markdown page")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     result = run_comparison(args.config, args.arms.split(","), [int(s) for s in args.seeds.split(",")], args.out,
-                            args.overrides)
+                            args.overrides, shared_base=not args.base_per_seed)
     if args.results_md:
         update_results_page(result, Path(args.out), Path(args.results_md), " ".join(sys.argv))
     return 0

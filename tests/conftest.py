@@ -40,3 +40,14 @@ def tiny_model_path():
 
     return resolve_model_path(ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(
         hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=256)))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only contend with the other processes of a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

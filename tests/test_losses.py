@@ -11,16 +11,9 @@ from torch.autograd import gradcheck
 from aftray.config import LossConfig
 from aftray.train import losses as L
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend with the other processes of a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def t(*values, dtype=F64):

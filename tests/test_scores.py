@@ -9,16 +9,9 @@ from aftray.config import LossConfig
 from aftray.train.losses import OBJECTIVES
 from aftray.train.scores import _fit, collate_groups, score_groups, sequence_logps
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB = 40
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend with the other processes of a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_llama(attn="sdpa", seed=0):

@@ -1,9 +1,11 @@
 """Compare losses, compute-matched: every arm of a seed starts from the same VFT model and sees the same questions,
 the same number of rounds, optimizer steps and samples per round.
 
-Per seed, a base run trains the VFT model and evaluates it (round 0). Each arm's run directory then gets a
-hard-linked copy of the base's round 0 and resumes from round 1, so the arms share the starting weights, the
-held-out candidate set and round 0's numbers. `vft` is the "VFT continued" control: the same extra steps spent
+A base run trains the VFT model and evaluates it (round 0): one base shared by every seed (the paper's setting:
+one VFT model, then the fine-tuning methods; seeds vary sampling, data order and training), or one per seed with
+`shared_base=False` (seeds also vary the model init). Each arm's run directory gets a hard-linked copy of its
+base's round 0 and resumes from round 1, so the arms share the starting weights, the held-out candidate set and
+round 0's numbers. `vft` is the "VFT continued" control: the same extra steps spent
 on plain VFT on the reference COTs. Results: `comparison.json`, `comparison.md`, plots; one MLflow parent run
 with a child run per arm and seed.
 """
@@ -42,7 +44,7 @@ def _link_round_zero(base_dir: Path, arm_dir: Path) -> None:
 
 
 def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_dir: str | Path,
-                   overrides: list[str] | None = None) -> dict:
+                   overrides: list[str] | None = None, shared_base: bool = True) -> dict:
     out_dir = Path(out_dir).absolute()
     overrides = list(overrides or [])
     unknown = [a for a in arms if a not in ARMS]
@@ -55,17 +57,22 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
         parent.log_params({"arms": ",".join(arms), "seeds": ",".join(map(str, seeds)), "preset": str(preset),
                            "overrides": " ".join(overrides)})
         for seed in seeds:
-            # the seed changes the model init, the sampling and the data order; the task stays the same
-            seeded = overrides + [f"output_dir={out_dir}", f"seed={seed}", f"model.tiny.seed={seed}",
-                                  f"train.seed={seed}", f"rollout.seed={seed}"]
-            base = load_config(preset, seeded + [f"run_name=base_s{seed}", "loop.rounds=0"])
-            run_loop(base, parent.run_id)
+            # the seed changes the sampling, the data order and the training (and the model init of its own
+            # base when bases are not shared); the task stays the same
+            seeded = overrides + [f"output_dir={out_dir}", f"seed={seed}", f"train.seed={seed}",
+                                  f"rollout.seed={seed}"]
+            base_seed = seeds[0] if shared_base else seed
+            base = load_config(preset, overrides + [f"output_dir={out_dir}", f"seed={base_seed}",
+                                                    f"model.tiny.seed={base_seed}", f"train.seed={base_seed}",
+                                                    f"run_name=base_s{base_seed}", "loop.rounds=0"])
+            run_loop(base, parent.run_id)  # resumes (does nothing) when that base is already finished
+            seeded.append(f"model.tiny.seed={base_seed}")
             for arm in arms:
                 cfg = load_config(preset, seeded + [f"run_name={arm}_s{seed}", f"loss.name={ARMS[arm]}"])
                 _link_round_zero(base.run_dir, cfg.run_dir)
                 runs[arm][seed] = run_loop(cfg, parent.run_id)
         result = aggregate(runs, first.loop.rounds)
-        result.update(preset=str(preset), overrides=overrides, seeds=seeds, arms=arms,
+        result.update(preset=str(preset), overrides=overrides, seeds=seeds, arms=arms, shared_base=shared_base,
                       wall_time_s=time.perf_counter() - start, versions=_versions())
         write_json(out_dir / "comparison.json", result)
         (out_dir / "comparison.md").write_text(markdown_table(result))

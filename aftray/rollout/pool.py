@@ -1,0 +1,290 @@
+"""Rollout pool: long-lived engine actors behind a Ray Data pipeline, with in-place weight refresh.
+
+    questions ─ map_batches(_rollout_batch, num_cpus=0) ─► Router ─► EngineActor 0..N-1 (one model each)
+              ─ map_batches(_verify_batch) ─► group rows (docs/internals.md)
+
+Why not Ray Data's own actor pool: `map_batches(SomeClass, concurrency=N)` starts its actors per dataset
+execution, so every round would load the model again. Here the engine actors are created once and live as
+long as the pool. The Ray Data stage is a light task (no CPU reserved) that hands its batch to the router and
+waits. The router, a small async actor, gives each batch to a free engine (any idle engine takes the next
+batch; the rest wait in its queue) and holds the current weights record.
+
+Weights and faults, one mechanism: every call carries the router's current `Weights` (version + where they
+are: checkpoint folder or object-store ref) and an engine holding another version loads them first. `refresh`
+sends the new record to every engine. An engine process that dies is restarted by Ray (`max_restarts`) with
+the initial model; its in-flight call is retried on the new process (`max_task_retries`) and loads the current
+weights before generating. The batch's rows come back once, and since a question's COTs depend only on
+(weights, prompt, seed, round), the retry samples the very COTs the lost call would have. The router itself
+is not restarted: a fresh one would hand out the initial weights record, so losing it fails the round loudly
+instead of sampling with stale weights.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from aftray.config import RolloutConfig, VerifyConfig
+from aftray.loop.placement import actor_options
+from aftray.rollout.engine import Completion, SamplingParams, derive_seed, make_engine
+from aftray.rollout.questions import encode_prompt
+from aftray.verify import verify_group
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 3  # per engine actor, and retries of the call it was running
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weights engines must hold. `source`: None (the initial model), a checkpoint folder, or a one-item
+    list with an object-store ref (inside a list Ray passes the ref on unresolved, so an engine fetches the
+    weights only when it does not hold that version yet)."""
+    version: int
+    source: None | str | list = None
+
+
+def put_state_dict(state_dict: dict) -> ray.ObjectRef:
+    """A state dict into the object store as numpy arrays, which Ray reads zero-copy (3 ms for SmolLM2-135M,
+    against seconds for pickled torch tensors). bf16 has no numpy type and travels as its int16 bits."""
+    import torch
+
+    arrays = {}
+    for name, t in state_dict.items():
+        t = t.detach().cpu().contiguous()
+        arrays[name] = ((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy(), str(t.dtype))
+    return ray.put(arrays)
+
+
+def _state_dict_from_store(arrays: dict) -> dict:
+    import torch
+
+    with warnings.catch_warnings():  # store arrays are read-only; the engine only copies out of them
+        warnings.simplefilter("ignore", UserWarning)
+        return {name: torch.from_numpy(a).view(getattr(torch, dtype.removeprefix("torch.")))
+                for name, (a, dtype) in arrays.items()}
+
+
+def truncate_prompts(prompts: list[list[int]], names: list, limit: int, strict: bool
+                     ) -> tuple[list[list[int]], int]:
+    """Left-truncate to `limit` tokens (the end of a prompt is what the model continues); count or reject."""
+    long = [name for name, p in zip(names, prompts, strict=True) if len(p) > limit]
+    if long and strict:
+        raise ValueError(f"rollout.strict_prompts: {len(long)} prompt(s) longer than "
+                         f"rollout.max_prompt_tokens={limit} tokens (first: {long[0]})")
+    return [p[-limit:] for p in prompts], len(long)
+
+
+class EngineActor:
+    """One engine in its own process for the whole run. Methods return (result, stats for the router)."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig):
+        self.model_path, self.cfg = model_path, cfg
+        self.engine = make_engine(cfg.engine, model_path, cfg)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def sync(self, weights: Weights) -> None:
+        """Load `weights` unless already held."""
+        if self.engine.version == weights.version:
+            return
+        if weights.source is None or isinstance(weights.source, str):
+            self.engine.load_weights(weights.source or self.model_path, weights.version)
+        else:
+            self.engine.update_weights(_state_dict_from_store(ray.get(weights.source[0])), weights.version)
+
+    def generate(self, rows: list[dict], round: int, params: SamplingParams, weights: Weights):
+        self.sync(weights)
+        prompts, truncated = truncate_prompts([r["prompt_ids"] for r in rows], [r["id"] for r in rows],
+                                              self.cfg.max_prompt_tokens, self.cfg.strict_prompts)
+        seeded = [params if params.seed is None else
+                  replace(params, seed=derive_seed(params.seed, round, r["id"])) for r in rows]
+        start = time.perf_counter()
+        outs = self.engine.generate(prompts, seeded)
+        stats = {"num_batches": 1, "num_questions": len(rows), "num_samples": sum(map(len, outs)),
+                 "rollout_tokens": sum(len(c.token_ids) for cs in outs for c in cs),
+                 "truncated_prompts": truncated, "time_engine_s": time.perf_counter() - start}
+        for row, prompt, completions in zip(rows, prompts, outs, strict=True):
+            row.update(prompt_ids=prompt, completions=[asdict(c) for c in completions],
+                       weights_version=self.engine.version)
+        return rows, stats
+
+    def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]], weights: Weights):
+        self.sync(weights)
+        prompts, truncated = truncate_prompts(prompt_ids, list(range(len(prompt_ids))),
+                                              self.cfg.max_prompt_tokens, self.cfg.strict_prompts)
+        return self.engine.score(prompts, cot_ids), {"truncated_prompts": truncated}
+
+    def continue_texts(self, prefixes: list[str], m: int, round: int, params: SamplingParams,
+                       weights: Weights):
+        """m sampled continuations of each text prefix (prompt + partial COT), seeded by (round, prefix)."""
+        self.sync(weights)
+        # a prefix is a prompt plus up to a whole COT; never rejected, as its prompt passed already
+        prompts, _ = truncate_prompts([encode_prompt(self.engine.tokenizer, p) for p in prefixes], prefixes,
+                                      self.cfg.max_prompt_tokens + self.cfg.max_new_tokens, strict=False)
+        seeded = [replace(params, n=m, seed=None if params.seed is None else
+                          derive_seed(params.seed, round, p)) for p in prefixes]
+        start = time.perf_counter()
+        outs = self.engine.generate(prompts, seeded)
+        stats = {"mc_tokens": sum(len(c.token_ids) for cs in outs for c in cs),
+                 "time_mc_engine_s": time.perf_counter() - start}
+        return [[c.text for c in cs] for cs in outs], stats
+
+
+class Router:
+    """Async actor: gives each call to a free engine, stamped with the current weights; sums round stats."""
+
+    def __init__(self, engines: list, weights: Weights):
+        self.engines, self.weights = engines, weights
+        self.free: asyncio.Queue = asyncio.Queue()
+        for i in range(len(engines)):
+            self.free.put_nowait(i)
+        self.stats: dict = defaultdict(lambda: defaultdict(int))
+        self.generating: dict = defaultdict(int)  # round -> its generate calls running now
+        self.since: dict = {}  # round -> when its generate calls went from none to some
+
+    async def call(self, method: str, round: int | None, *args):
+        i = await self.free.get()
+        timed = method == "generate"
+        if timed:
+            self._generating(round, +1)
+        try:
+            out, stats = await getattr(self.engines[i], method).remote(*args, self.weights)
+        finally:
+            self.free.put_nowait(i)
+            if timed:
+                self._generating(round, -1)
+        self.add(round, stats)
+        return out
+
+    def _generating(self, round: int | None, delta: int) -> None:
+        """time_generate_s: wall time during which some engine generated for the round (the union of its
+        calls' intervals, so two executions of one round do not count the gap between them)."""
+        self.generating[round] += delta
+        if delta > 0 and self.generating[round] == 1:
+            self.since[round] = time.perf_counter()
+        elif delta < 0 and self.generating[round] == 0:
+            self.stats[round]["time_generate_s"] += time.perf_counter() - self.since[round]
+
+    def add(self, round: int | None, stats: dict) -> None:
+        for k, v in stats.items():
+            self.stats[round][k] += v
+
+    async def refresh(self, weights: Weights) -> None:
+        self.weights = weights  # calls dispatched from now on carry it; in-flight ones finish first
+        await asyncio.gather(*(e.sync.remote(weights) for e in self.engines))
+
+    def metrics(self, round: int | None) -> dict:
+        stats = {"time_generate_s": 0.0, **self.stats.get(round, {})}
+        seconds = stats["time_generate_s"]
+        return {**stats, "rollout_tokens_per_s": stats.get("rollout_tokens", 0) / seconds if seconds else 0.0}
+
+
+@dataclass
+class ContinueFn:
+    """`continue_fn(prefixes, m) -> m continuations per prefix` for verify.process="mc", run by the pool's
+    engines. Picklable: the Ray Data verify tasks call it."""
+    router: Any
+    round: int
+    params: SamplingParams
+
+    def __call__(self, prefixes: list[str], m: int) -> list[list[str]]:
+        return ray.get(self.router.call.remote("continue_texts", self.round, prefixes, m, self.round,
+                                               self.params))
+
+
+def _rollout_batch(batch: pa.Table, router, round: int, params: SamplingParams) -> pa.Table:
+    rows = ray.get(router.call.remote("generate", round, batch.to_pylist(), round, params))
+    return pa.Table.from_pylist(rows)
+
+
+def _verify_batch(batch: pa.Table, router, round: int, cfg: VerifyConfig, answer_kind: str,
+                  continue_fn: ContinueFn | None) -> pa.Table:
+    start = time.perf_counter()
+    groups = [verify_group(row, [Completion(**c) for c in row["completions"]], cfg, answer_kind, continue_fn)
+              for row in batch.to_pylist()]
+    ray.get(router.add.remote(round, {"time_verify_s": time.perf_counter() - start}))  # in before the rows
+    return pa.Table.from_pylist(groups)
+
+
+class RolloutPool:
+    """`cfg.num_actors` engine actors (created here, kept until `shutdown`) and the router before them."""
+
+    def __init__(self, cfg: RolloutConfig, model_path: str | Path):
+        self.cfg = cfg
+        actor = ray.remote(EngineActor).options(**actor_options(cfg), max_restarts=MAX_RESTARTS,
+                                                max_task_retries=MAX_RESTARTS)
+        self._engines = [actor.remote(str(model_path), cfg) for _ in range(cfg.num_actors)]
+        self._weights = Weights(0)  # also keeps an object-store ref alive while engines may need it
+        self._router = ray.remote(Router).options(num_cpus=0).remote(self._engines, self._weights)
+        self.engine_pids()  # wait for the models to load: a bad model path fails here, not mid-round
+
+    @property
+    def version(self) -> int:
+        return self._weights.version
+
+    def engine_pids(self) -> list[int]:
+        return ray.get([e.pid.remote() for e in self._engines])
+
+    def generate_groups(self, questions: ray.data.Dataset, round: int, verify_cfg: VerifyConfig,
+                        answer_kind: str, params: SamplingParams | None = None) -> ray.data.Dataset:
+        """Group rows for question rows (`question_rows` columns), lazily: nothing runs until the dataset is
+        consumed, and rows stream through (never collected on the driver). `params` defaults to the config's
+        sampling (k, temperature, top-p, max new tokens, seed); its seed is the base of per-question seeds."""
+        params = params or SamplingParams.from_config(self.cfg)
+        continue_fn = self.continue_fn(round, params) if verify_cfg.process == "mc" else None
+        in_flight = 2 * self.cfg.num_actors  # one batch running and one queued per engine
+        rolled = questions.map_batches(
+            _rollout_batch, batch_format="pyarrow", batch_size=self.cfg.batch_size, num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=in_flight),
+            fn_kwargs={"router": self._router, "round": round, "params": params})
+        return rolled.map_batches(_verify_batch, batch_format="pyarrow", fn_kwargs={
+            "router": self._router, "round": round, "cfg": verify_cfg, "answer_kind": answer_kind,
+            "continue_fn": continue_fn})
+
+    def refresh(self, weights: str | Path | dict | ray.ObjectRef, version: int) -> float:
+        """New weights into every engine, in place: a checkpoint folder (read by each engine, so on storage
+        every node sees), a state dict (put in the object store here) or a ref from `put_state_dict`.
+        `version` must name these weights alone (engines skip a version they hold). Returns wall seconds."""
+        start = time.perf_counter()
+        if isinstance(weights, (str, Path)):
+            source: str | list = str(Path(weights).absolute())
+        else:
+            source = [weights if isinstance(weights, ray.ObjectRef) else put_state_dict(weights)]
+        self._weights = Weights(version, source)
+        ray.get(self._router.refresh.remote(self._weights))
+        seconds = time.perf_counter() - start
+        log.info("rollout: weights v%d in %d engine(s) in %.2f s", version, len(self._engines), seconds)
+        return seconds
+
+    def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]], round: int | None = None
+              ) -> list[float]:
+        """Summed T = 1 log-prob of each COT given its prompt, spread over the engines."""
+        step = self.cfg.batch_size * self.cfg.k
+        refs = [self._router.call.remote("score", round, prompt_ids[i:i + step], cot_ids[i:i + step])
+                for i in range(0, len(prompt_ids), step)]
+        return [s for part in ray.get(refs) for s in part]
+
+    def continue_fn(self, round: int, params: SamplingParams | None = None) -> ContinueFn:
+        return ContinueFn(self._router, round, params or SamplingParams.from_config(self.cfg))
+
+    def metrics(self, round: int | None) -> dict:
+        """Summed over the round's batches: num_batches, num_questions, num_samples, rollout_tokens,
+        truncated_prompts, time_engine_s (engine busy time), time_verify_s (verify task time), mc_tokens; and
+        time_generate_s (wall time during which some engine generated for the round) with
+        rollout_tokens_per_s over it."""
+        return ray.get(self._router.metrics.remote(round))
+
+    def shutdown(self) -> None:
+        for actor in [self._router, *self._engines]:
+            ray.kill(actor)

@@ -1,0 +1,247 @@
+"""The train loop of one stage, run by every worker: a Ray Train worker, a torchrun rank, or a lone process.
+
+Top to bottom: process group -> the stage's group rows, in one order on every worker -> model under DeepSpeed
+-> resume -> optimizer steps (LR, micro-batches of whole question groups, loss from `OBJECTIVES`,
+`engine.step`) -> metrics -> checkpoints. Under Ray (`config["groups"] is None`) the rows come from the "train"
+dataset shard and checkpoints go through `ray.train.report`; without Ray they come from a list or a parquet
+file and only the final weights are saved. `import ray` happens on the Ray path only.
+
+Batching. Optimizer step t takes the next `per_step` groups of an endless stream: the groups in a seeded
+shuffled order, reshuffled on each pass. `per_step` is `questions_per_step` rounded up to a multiple of the
+world size; each worker takes every world-th group of the step and splits its share into `accum` micro-batches
+(sizes differ by at most one, so every worker runs the same number of backward passes, as ZeRO needs). A
+micro-batch's loss is a mean over its groups, so it is weighted by its share of the worker's groups: the step's
+gradient is the mean over all its groups. As the order is a function of (seed, step), a worker group restarted
+from the checkpoint of step k sees exactly the batches it would have seen and ends after the same number of
+steps.
+
+Simplifications: every worker holds all of the stage's group rows (token ids, small next to the model); the
+path without Ray has no mid-stage checkpoints.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+import resource
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from aftray.config import LossConfig, TrainConfig
+from aftray.models import load_model, load_tokenizer
+from aftray.train.checkpoint import load_checkpoint, save_checkpoint
+from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config
+from aftray.train.losses import OBJECTIVES, sequences_needed
+from aftray.train.scores import collate_groups, score_groups
+
+# Group-row columns the loop reads (docs/internals.md); the texts stay behind.
+COLUMNS = ("id", "prompt_ids", "ref_cot_ids", "cot_ids", "sample_logp", "correct", "rank", "process")
+# Counts (and CPU seconds of all workers' processes); the rest are means.
+SUMMED = ("groups", "groups_no_pairs", "groups_with_both", "tokens", "truncated", "cpu_s")
+WEIGHTED_BY = {"pair_acc": "groups_with_both"}  # means over groups, pair accuracy over groups that have pairs
+
+
+def train_loop(config: dict) -> dict:
+    """One stage on this worker. config: stage, model_path, trust_remote_code, train, loss (dicts of the config
+    sections), groups (None under Ray; else a list of rows or a parquet path), out_dir (the final weights, path
+    without Ray). Returns {"history": per-step records, "restarts": steps resumed from, "peak_rss_mb": per rank}."""
+    train, loss_cfg = TrainConfig(**config["train"]), LossConfig(**config["loss"])
+    on_ray = config["groups"] is None
+    device = init_distributed(train)
+    try:
+        import deepspeed
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        groups = load_groups(config["groups"], world)
+        if not groups:
+            raise ValueError(f"stage {config['stage']}: no group rows to train on")
+        per_step = -(-train.questions_per_step // world) * world
+        accum = -(-(per_step // world) // train.micro_batch_questions)
+        total_steps = train.steps_per_round or -(-len(groups) // per_step)
+
+        tokenizer = load_tokenizer(config["model_path"], config["trust_remote_code"])
+        model = load_model(config["model_path"], train.dtype, config["trust_remote_code"])
+        on_gpu = device.type == "cuda"
+        offload = on_gpu and train.offload_optimizer  # then DeepSpeed's CPU Adam steps on the host
+        optimizer = None if offload else torch.optim.AdamW(
+            model.parameters(), lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay, fused=on_gpu)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model.parameters(),
+                                          config=deepspeed_config(train, accum, world, offload))
+
+        step, history, restarts = 0, [], []
+        if on_ray:
+            import ray.train
+
+            resume = ray.train.get_checkpoint()
+            if resume:
+                with resume.as_directory() as path:
+                    state = load_checkpoint(engine, Path(path))
+                step, history, restarts = state["step"], state["history"], state["restarts"] + [state["step"]]
+
+        objective = OBJECTIVES[loss_cfg.name]
+        with_ref, with_samples = sequences_needed(loss_cfg)
+        while step < total_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, total_steps, train)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            mine = step_groups(groups, step, per_step, train.seed)[rank::world]
+            parts, module_norm = [], None
+            for i in range(accum):
+                cpu0 = time.process_time()
+                rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
+                batch = collate_groups(rows, train.max_seq_len, train.packing, with_ref, with_samples,
+                                       tokenizer.pad_token_id).to(device)
+                loss, metrics = objective(loss_cfg, score_groups(engine, batch))
+                engine.backward(loss * len(rows) * accum / len(mine))  # DeepSpeed divides by accum
+                if i == accum - 1 and engine.zero_optimization_stage() == 0:  # where DeepSpeed drops the norm
+                    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                    module_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+                engine.step()  # the optimizer steps (and clips) on the last micro-batch only
+                parts.append({**metrics, "tokens": num_tokens(batch), "truncated": batch.num_truncated,
+                              "cpu_s": time.process_time() - cpu0})
+            step += 1
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = module_norm if grad_norm is None else grad_norm
+            record = {"step": step, "lr": lr, "grad_norm": math.nan if grad_norm is None else float(grad_norm),
+                      **reduce_metrics(parts, device)}
+            record["time_s"] = time.perf_counter() - t0
+            record["timestamp"] = time.time()  # differences cover whole steps, reports and checkpoints included
+            record["tokens_per_s"] = record["tokens"] / record["time_s"]
+            history.append(record)
+
+            last = step == total_steps
+            if on_ray:
+                state = {"step": step, "history": history, "restarts": restarts}
+                every = train.checkpoint_every
+                report(record, engine, tokenizer, state, last or (every > 0 and step % every == 0))
+            elif last:
+                save_checkpoint(engine, tokenizer, Path(config["out_dir"]), {"step": step, "history": history},
+                                with_optimizer=False)
+            fault_hook(step, rank, world)
+
+        peak = [None] * world
+        dist.all_gather_object(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return {"history": history, "restarts": restarts, "peak_rss_mb": peak}
+    finally:
+        dist.destroy_process_group()
+
+
+def init_distributed(train: TrainConfig) -> torch.device:
+    """Join (Ray Train already set it up) or create the process group; pick this worker's device."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))  # as many threads as the CPUs it was given
+    if not dist.is_initialized():  # torchrun's env vars, or a world of one on a free port
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_groups(source, world: int) -> list[dict]:
+    """The stage's group rows (plain Python values), in the same order on every worker."""
+    if source is None:  # Ray: this worker's shard of "train"; the shards' split is not deterministic, so gather
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        rows = [row for b in shard.iter_batches(batch_size=None, batch_format="pyarrow")
+                for row in b.select([c for c in COLUMNS if c in b.column_names]).to_pylist()]
+        parts = [None] * world
+        dist.all_gather_object(parts, rows)
+        rows = [row for part in parts for row in part]
+    elif isinstance(source, (str, Path)):
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(source).names
+        rows = pq.read_table(source, columns=[c for c in COLUMNS if c in names]).to_pylist()
+    else:
+        rows = [{c: row[c] for c in COLUMNS if c in row} for row in source]
+    return sorted(rows, key=lambda row: (row["id"], row.get("cot_ids", [])))
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return random.Random(f"{seed}:{epoch}").sample(range(n), n)
+
+
+def step_groups(groups: list, step: int, per_step: int, seed: int) -> list:
+    """The `per_step` groups of optimizer step `step` (0-based) in the endless, reshuffled-per-pass stream."""
+    n = len(groups)
+    return [groups[epoch_order(n, seed, i // n)[i % n]] for i in range(step * per_step, (step + 1) * per_step)]
+
+
+def lr_at(step: int, total_steps: int, train: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine or linear decay to lr * min_lr_ratio at the last step."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / (train.warmup_steps + 1)
+    progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - 1 - train.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if train.lr_schedule == "cosine" else 1 - progress
+    return train.lr * (train.min_lr_ratio + (1 - train.min_lr_ratio) * decay)
+
+
+def num_tokens(batch) -> int:
+    """Tokens the forward pass ran over (padding excluded)."""
+    mask = batch.inputs.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch.inputs["input_ids"].numel()
+
+
+def reduce_metrics(parts: list[dict], device: torch.device) -> dict:
+    """One step's metrics over this worker's micro-batches and all workers: counts summed, the rest averaged
+    over groups (see WEIGHTED_BY), NaN values (e.g. pair accuracy without pairs) left out."""
+    keys = sorted(parts[0])
+    sums = torch.zeros(2, len(keys), dtype=torch.float64)
+    for m in parts:
+        for i, k in enumerate(keys):
+            if k in SUMMED:
+                sums[0, i] += m[k]
+            elif math.isfinite(m[k]):
+                w = m[WEIGHTED_BY.get(k, "groups")]
+                sums[0, i] += m[k] * w
+                sums[1, i] += w
+    sums = sums.to(device)
+    dist.all_reduce(sums)
+    sums = sums.cpu()
+    return {k: float(sums[0, i]) if k in SUMMED else float(sums[0, i] / sums[1, i]) if sums[1, i] > 0 else math.nan
+            for i, k in enumerate(keys)}
+
+
+def report(record: dict, engine, tokenizer, state: dict, with_checkpoint: bool) -> None:
+    """`ray.train.report` from every worker; with a checkpoint, each worker reports the part it wrote."""
+    import ray.train
+
+    if not with_checkpoint:
+        ray.train.report(record)
+        return
+    with tempfile.TemporaryDirectory(prefix="aftray-ckpt-") as tmp:
+        save_checkpoint(engine, tokenizer, Path(tmp), state)
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{record['step']:06d}")
+
+
+def fault_hook(step: int, rank: int, world: int) -> None:
+    """Test hook for worker failures: when the file $AFTRAY_TEST_FAULT_FILE exists and holds this step, the last
+    rank deletes it (so it fires once) and dies without cleanup, as a crashed worker would. It waits first: Ray
+    Train's controller collects reports by polling the workers (every 2 s), and a checkpoint whose reports it has
+    not collected yet is lost with the worker."""
+    path = os.environ.get("AFTRAY_TEST_FAULT_FILE")
+    if path and rank == world - 1 and os.path.isfile(path) and Path(path).read_text().strip() == str(step):
+        os.remove(path)
+        time.sleep(6)
+        os._exit(1)

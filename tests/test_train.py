@@ -1,0 +1,133 @@
+"""Training stage: batching and LR schedule; the loop without Ray; Ray Train + DeepSpeed on 2 CPU workers
+(ZeRO 0 and 2): loss goes down, the checkpoint reloads in transformers with the trained weights' logits, and a
+killed worker is restarted from the last checkpoint and the stage ends with the same number of steps."""
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from aftray.config import LossConfig, TrainConfig
+from aftray.train.worker import lr_at, step_groups
+
+# The fault hook reads this in the Ray workers, which inherit the environment of the Ray started by the tests.
+FAULT_FILE = Path(tempfile.mkdtemp(prefix="aftray-fault-")) / "fail_at_step"
+os.environ["AFTRAY_TEST_FAULT_FILE"] = str(FAULT_FILE)
+
+
+def make_groups(tokenizer, n: int = 8, seed: int = 0) -> list[dict]:
+    """Group rows (docs/internals.md) of a+b questions: the right COT and two wrong ones per question."""
+    rng = random.Random(seed)
+
+    def ids(text, eos=True):
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
+
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        prompt = f"Q: {a}+{b}?\nA: "
+        cots = [f"{a}+{b}={s}\n#### {s}" for s in (a + b, a + b + 1, a * b + 2)]
+        rows.append(dict(id=f"q{i}", prompt=prompt, prompt_ids=ids(prompt, eos=False), answer=str(a + b),
+                         ref_cot=cots[0], ref_cot_ids=ids(cots[0]), cots=cots, cot_ids=[ids(c) for c in cots],
+                         sample_logp=[-20.0, -21.0, -22.0], finish_reasons=["stop"] * 3, correct=[True, False, False],
+                         rank=[1, 2, 2], process=[1.0, 0.0, 0.0]))
+    return rows
+
+
+def small_train(**overrides) -> TrainConfig:
+    base = dict(lr=3e-3, warmup_steps=1, steps_per_round=6, questions_per_step=4, micro_batch_questions=1,
+                max_seq_len=64, num_workers=2, cpus_per_worker=1, max_failures=1)
+    return TrainConfig(**{**base, **overrides})
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer("Q: 3+4?\nA: 3+4=7\n#### 7", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_lr_warms_up_then_decays_to_min():
+    t = TrainConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 10, t) for s in range(10)]
+    assert lrs[0] < lrs[1] < lrs[2] == 1.0
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[-1] == pytest.approx(0.1)
+    assert lr_at(9, 10, TrainConfig(lr=1.0, warmup_steps=2, lr_schedule="linear")) == pytest.approx(0.1)
+
+
+def test_steps_take_every_group_once_per_pass_in_a_seeded_order():
+    groups = list(range(10))
+    stream = [g for s in range(5) for g in step_groups(groups, s, 4, seed=0)]  # 20 = two passes
+    assert sorted(stream[:10]) == groups and sorted(stream[10:]) == groups
+    assert stream[:10] != stream[10:]  # reshuffled per pass
+    assert step_groups(groups, 3, 4, seed=0) == stream[12:16]  # a function of (seed, step): exact resume
+    assert step_groups(groups, 0, 4, seed=1) != stream[:4]
+
+
+def test_local_stage_without_ray(tmp_path, tiny_model_path):
+    """The same loop in this process (a world of one), VFT stage over one pass: 8 groups / 2 per step."""
+    from aftray.models import load_model, load_tokenizer
+    from aftray.train.stage import StageResult, train_local
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    train = small_train(num_workers=1, questions_per_step=2, micro_batch_questions=2, vft_lr=1e-2)
+    result = train_local("vft", make_groups(tokenizer), tiny_model_path, tmp_path, train, LossConfig())
+    assert result.metrics["steps"] == 4 and [h["step"] for h in result.history] == [1, 2, 3, 4]
+    assert result.history[-1]["vft"] < result.history[0]["vft"]
+    assert result.metrics["tokens"] > 0 and result.metrics["tokens_per_s"] > 0
+    assert StageResult.load(result.checkpoint).metrics == result.metrics
+    reloaded = load_model(result.checkpoint)
+    assert not torch.equal(logits(reloaded, tokenizer), logits(load_model(tiny_model_path), tokenizer))
+
+
+def trained_weights(ray_checkpoint: Path, zero_stage: int) -> dict:
+    """The trained fp32 weights as DeepSpeed holds them (not the HF export): ZeRO-0 keeps them in the module
+    state, ZeRO-2 in the optimizer's partitioned master weights."""
+    if zero_stage == 0:
+        return torch.load(ray_checkpoint / "deepspeed" / "state" / "mp_rank_00_model_states.pt",
+                          weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ray_checkpoint / "deepspeed"), tag="state")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_ray_stage_trains_and_checkpoint_reloads(ray_local, tmp_path, tiny_model_path, zero_stage):
+    from aftray.models import load_model, load_tokenizer
+    from aftray.train.stage import train_stage
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    result = train_stage("align", make_groups(tokenizer), tiny_model_path, tmp_path,
+                         small_train(zero_stage=zero_stage), LossConfig(name="aft_bc"), keep_state=True)
+    losses = [h["loss"] for h in result.history]
+    assert [h["step"] for h in result.history] == list(range(1, 7)) and result.metrics["restarts"] == []
+    assert losses[-1] < losses[0] and result.metrics["steps"] == 6
+    h = result.history[-1]
+    assert h["groups"] == 4 and 0 <= h["pair_acc"] <= 1 and h["grad_norm"] > 0 and h["tokens_per_s"] > 0
+    assert len(result.metrics["peak_rss_mb"]) == 2
+
+    reloaded = load_model(result.checkpoint)
+    trained = load_model(tiny_model_path)
+    missing, unexpected = trained.load_state_dict(trained_weights(tmp_path / "ray" / "train" / "step_000006",
+                                                                  zero_stage), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
+    assert torch.equal(logits(reloaded, tokenizer), logits(trained, tokenizer))
+    assert not torch.equal(logits(reloaded, tokenizer), logits(load_model(tiny_model_path), tokenizer))
+
+
+@pytest.mark.slow
+def test_ray_stage_resumes_after_a_worker_dies(ray_local, tmp_path, tiny_model_path):
+    from aftray.models import load_tokenizer
+    from aftray.train.stage import train_stage
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    FAULT_FILE.write_text("3")  # rank 1 exits right after step 3; the last checkpoint is step 2
+    result = train_stage("align", make_groups(tokenizer), tiny_model_path, tmp_path,
+                         small_train(zero_stage=2, checkpoint_every=2), LossConfig(name="aft_bc"))
+    assert not FAULT_FILE.exists()  # the fault fired
+    assert result.metrics["restarts"] == [2]
+    assert result.metrics["steps"] == 6 and [h["step"] for h in result.history] == list(range(1, 7))
+    assert not (tmp_path / "ray").exists() and (result.checkpoint / "model.safetensors").is_file()
