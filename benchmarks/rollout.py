@@ -128,7 +128,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     load_start = os.getloadavg()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # Ray runs its workers at niceness 15; on a machine shared with other jobs the engine actor would then
+    # lose CPU to them while the in-process engine (the driver, niceness 0) would not. Same priority for both.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config={"worker_niceness": 0})
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     smol = ModelConfig()
@@ -140,7 +142,8 @@ def main() -> None:
     params = SamplingParams.from_config(cfg)
     results: dict = {"setup": {"model": smol.name_or_path, "task": "gsm8k test", "questions": len(rows),
                                "k": args.k, "max_new_tokens": args.max_new_tokens, "temperature": 0.8,
-                               "batch_size": cfg.batch_size, "repeats": args.repeats}}
+                               "batch_size": cfg.batch_size, "repeats": args.repeats,
+                               "ray_worker_niceness": 0}}
 
     # 1. the Ray pool (1 actor x 1 thread) vs the same engine in this process (1 thread); 2. the cost of
     # determinism: the engine's width buckets and one generate call per question vs one padded batch of all

@@ -1,10 +1,11 @@
 """Train-stage throughput and memory: Ray Train + DeepSpeed against a plain PyTorch loop, same model/data/batch.
 
-CPU (default) runs each arm in a fresh process, so each peak RSS is its own:
+CPU (default) runs each arm in a fresh process, so each peak RSS is its own; every process or worker gets
+--threads threads (default 1: on a shared machine, OpenMP threads that wait on a preempted sibling burn CPU):
   plain     a hand-written PyTorch loop in one process (AdamW, clipping, the same micro-batches and loss)
   ds_local  the aftray loop under DeepSpeed without Ray (`train_local`), one process
-  ray_1     Ray Train + DeepSpeed, 1 worker with --threads CPUs
-  ray_2     Ray Train + DeepSpeed, 2 workers with --threads/2 CPUs each
+  ray_1     Ray Train + DeepSpeed, 1 worker
+  ray_2     Ray Train + DeepSpeed, 2 workers (same global batch: each does half the micro-batches)
 Two throughputs over steps 2..N (step 1 warms up): tokens/s = tokens / wall time from the end of step 1 to the
 end of step N (Ray's per-step report included), and tokens per CPU-second of the training processes (all workers;
 far less sensitive than wall time to other processes on a shared machine). Arms take turns for --repeats rounds;
@@ -16,7 +17,7 @@ with ray_1 / plain (target >= 0.85), ray_2 / ray_1 and ds_local / plain.
 `torchrun --nproc_per_node N benchmarks/train.py --gpu`. Reports tokens/s and MFU = model FLOPs (6 x params
 + attention, per token) x tokens/s / (--peak-tflops x GPUs); writes benchmarks/results/train_gpu.json.
 
-Usage: python benchmarks/train.py [--model tiny|PATH|HUB_ID] [--steps 6] [--threads 2] [--gpu]
+Usage: python benchmarks/train.py [--model tiny|PATH|HUB_ID] [--steps 5] [--threads 1] [--gpu]
 """
 from __future__ import annotations
 
@@ -111,8 +112,8 @@ def run_arm(arm: str, spec: dict) -> dict:
             workers = int(arm.split("_")[1])
             # Ray runs workers at niceness 15; under load from other processes that alone would slow them.
             os.environ["RAY_worker_niceness"] = "0"
-            ray.init(num_cpus=spec["threads"] + 2, include_dashboard=False, log_to_driver=False)
-            train.num_workers, train.cpus_per_worker = workers, spec["threads"] / workers
+            ray.init(num_cpus=spec["threads"] * workers + 1, include_dashboard=False, log_to_driver=False)
+            train.num_workers = workers
             result = train_stage("align", groups, spec["model_path"], stage_dir, train, loss)
             ray.shutdown()
     return {"history": result.history, "peak_rss_mb": result.metrics["peak_rss_mb"]}
@@ -122,9 +123,9 @@ def cpu_benchmark(args) -> dict:
     from aftray.config import ModelConfig, TinyModelConfig
     from aftray.models import load_tokenizer, resolve_model_path
 
-    if args.model == "tiny":  # a ~25M-parameter random Llama with the char tokenizer
-        cfg = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(hidden_size=512, num_layers=8, num_heads=8,
-                                                                    intermediate_size=1376, max_position_embeddings=512))
+    if args.model == "tiny":  # a ~11M-parameter random Llama with the char tokenizer
+        cfg = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(
+            hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024, max_position_embeddings=512))
     else:
         cfg = ModelConfig(name_or_path=args.model)
     model_path = str(resolve_model_path(cfg))
@@ -183,17 +184,17 @@ def gpu_benchmark(args) -> dict:
         dist.init_process_group("nccl")  # wait for rank 0's save; the train loop reuses this group
         dist.barrier()
     groups = make_groups(args.questions, args.k, args.prompt_len, args.cot_len, config.vocab_size)
-    train = TrainConfig(lr=1e-5, warmup_steps=1, steps_per_round=args.steps, questions_per_step=args.questions_per_step,
-                        micro_batch_questions=args.micro_batch_questions, max_seq_len=2048, zero_stage=2,
+    train = TrainConfig(lr=1e-5, warmup_steps=1, steps_per_round=args.steps, max_seq_len=2048, zero_stage=2,
+                        questions_per_step=args.questions_per_step, micro_batch_questions=args.micro_batch_questions,
                         dtype="bf16", packing=True)
     with tempfile.TemporaryDirectory() as stage_dir:
         result = train_local("align", groups, path, stage_dir, train, LossConfig(name="aft_bc"))
     with torch.device("meta"):
         params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     matmul_params = params - config.vocab_size * config.hidden_size  # the input embedding is a lookup
-    tokens_per_s = throughput(result.history)
-    seq = args.prompt_len + args.cot_len
-    flops_per_token = 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * seq  # + attention scores
+    tokens_per_s, _ = throughput(result.history)
+    seq = args.prompt_len + args.cot_len  # PaLM's count: 6N + 12·layers·hidden·seq (attention scores)
+    flops_per_token = 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * seq
     gpus = int(os.environ.get("WORLD_SIZE", 1))
     mfu = flops_per_token * tokens_per_s / (args.peak_tflops * 1e12 * gpus)
     out = {"params": params, "gpus": gpus, "device": torch.cuda.get_device_name(), "tokens_per_s": tokens_per_s,
@@ -206,17 +207,17 @@ def gpu_benchmark(args) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="DeepSpeed bf16 ZeRO-2 on a ~1.1B Llama, without Ray")
-    p.add_argument("--model", default="tiny", help="CPU: 'tiny' (a ~25M random Llama), a folder or a hub id")
+    p.add_argument("--model", default="tiny", help="CPU: 'tiny' (a ~11M random Llama), a folder or a hub id")
     p.add_argument("--arms", nargs="+", default=["plain", "ds_local", "ray_1", "ray_2"])
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="runs per arm, interleaved; the best one counts")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads in all (ray_2: half per worker)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process / worker")
     p.add_argument("--questions", type=int, default=64)
     p.add_argument("--questions-per-step", type=int, default=None, help="default: CPU 4, GPU 16")
     p.add_argument("--micro-batch-questions", type=int, default=4, help="GPU only (CPU: 2)")
     p.add_argument("--k", type=int, default=None, help="sampled COTs per question (default: CPU 3, GPU 4)")
-    p.add_argument("--prompt-len", type=int, default=None, help="default: CPU 64, GPU 256")
-    p.add_argument("--cot-len", type=int, default=None, help="default: CPU 96, GPU 384")
+    p.add_argument("--prompt-len", type=int, default=None, help="default: CPU 48, GPU 256")
+    p.add_argument("--cot-len", type=int, default=None, help="default: CPU 64, GPU 384")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
     p.add_argument("--arm", nargs=3, help=argparse.SUPPRESS)  # internal: ARM SPEC_JSON OUT_JSON
     args = p.parse_args()
@@ -225,8 +226,8 @@ def main():
         Path(out_path).write_text(json.dumps(run_arm(arm, json.loads(Path(spec_path).read_text()))))
         return
     gpu = args.gpu
-    for name, cpu_default, gpu_default in [("questions_per_step", 4, 16), ("k", 3, 4), ("prompt_len", 64, 256),
-                                           ("cot_len", 96, 384)]:
+    for name, cpu_default, gpu_default in [("questions_per_step", 4, 16), ("k", 3, 4), ("prompt_len", 48, 256),
+                                           ("cot_len", 64, 384)]:
         if getattr(args, name) is None:
             setattr(args, name, gpu_default if gpu else cpu_default)
     result = gpu_benchmark(args) if gpu else cpu_benchmark(args)

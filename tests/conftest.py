@@ -23,14 +23,22 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray with more logical CPUs than cores, so Ray Data tasks are not starved by long-lived actors."""
+def _ray_shutdown_at_exit():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_shutdown_at_exit):
+    """A local Ray with more logical CPUs than cores, so Ray Data tasks are not starved by long-lived actors.
+    Started once and shared; started again for a module if a test (a multi-node one) shut it down."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,7 @@ def test_resume_after_driver_sigkill(tmp_path):
     cmd = _job_cmd(tmp_path, "loop.rounds=2")
     run_dir = tmp_path / "resume"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 480
+    deadline = time.time() + 1200
     while not (run_dir / "rounds" / "1" / "metrics.json").is_file():
         assert proc.poll() is None, "the job ended before round 1 finished"
         assert time.time() < deadline, "round 1 did not finish in time"

@@ -66,13 +66,30 @@ def test_steps_take_every_group_once_per_pass_in_a_seeded_order():
     assert step_groups(groups, 0, 4, seed=1) != stream[:4]
 
 
+def test_groups_from_a_parquet_folder_in_id_order(tmp_path, tiny_model_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aftray.models import load_tokenizer
+    from aftray.train.worker import load_groups
+
+    rows = make_groups(load_tokenizer(tiny_model_path), n=4)
+    (tmp_path / "samples.parquet").mkdir()  # Ray Data writes a folder of files
+    pq.write_table(pa.Table.from_pylist(rows[2:]), tmp_path / "samples.parquet" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "samples.parquet" / "b.parquet")
+    loaded = load_groups(tmp_path / "samples.parquet", world=1)
+    assert [r["id"] for r in loaded] == ["q0", "q1", "q2", "q3"]
+    assert "cots" not in loaded[0] and loaded[0]["cot_ids"] == rows[0]["cot_ids"]
+
+
 def test_local_stage_without_ray(tmp_path, tiny_model_path):
-    """The same loop in this process (a world of one), VFT stage over one pass: 8 groups / 2 per step."""
+    """The same loop in this process (a world of one), VFT stage over one pass: 8 groups / 2 per step; ZeRO-3,
+    so the saved weights are gathered from DeepSpeed's partitions."""
     from aftray.models import load_model, load_tokenizer
     from aftray.train.stage import StageResult, train_local
 
     tokenizer = load_tokenizer(tiny_model_path)
-    train = small_train(num_workers=1, questions_per_step=2, micro_batch_questions=2, vft_lr=1e-2)
+    train = small_train(num_workers=1, questions_per_step=2, micro_batch_questions=2, vft_lr=1e-2, zero_stage=3)
     result = train_local("vft", make_groups(tokenizer), tiny_model_path, tmp_path, train, LossConfig())
     assert result.metrics["steps"] == 4 and [h["step"] for h in result.history] == [1, 2, 3, 4]
     assert result.history[-1]["vft"] < result.history[0]["vft"]

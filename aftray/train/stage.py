@@ -36,7 +36,8 @@ class StageResult:
 
     @classmethod
     def from_loop(cls, checkpoint: Path, out: dict, time_s: float) -> StageResult:
-        metrics = {**summarize(out["history"], time_s), "restarts": out["restarts"], "peak_rss_mb": out["peak_rss_mb"]}
+        metrics = summarize(out["history"], time_s)
+        metrics.update(restarts=out["restarts"], peak_rss_mb=out["peak_rss_mb"])
         return cls(checkpoint, metrics, out["history"])
 
     def save(self) -> None:

@@ -86,6 +86,7 @@ def train_loop(config: dict) -> dict:
 
         objective = OBJECTIVES[loss_cfg.name]
         with_ref, with_samples = sequences_needed(loss_cfg)
+        cpu_mark = time.process_time()
         while step < total_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, total_steps, train)
@@ -94,7 +95,6 @@ def train_loop(config: dict) -> dict:
             mine = step_groups(groups, step, per_step, train.seed)[rank::world]
             parts, module_norm = [], None
             for i in range(accum):
-                cpu0 = time.process_time()
                 rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
                 batch = collate_groups(rows, train.max_seq_len, train.packing, with_ref, with_samples,
                                        tokenizer.pad_token_id).to(device)
@@ -104,13 +104,13 @@ def train_loop(config: dict) -> dict:
                     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                     module_norm = torch.nn.utils.get_total_norm(grads) if grads else None
                 engine.step()  # the optimizer steps (and clips) on the last micro-batch only
-                parts.append({**metrics, "tokens": num_tokens(batch), "truncated": batch.num_truncated,
-                              "cpu_s": time.process_time() - cpu0})
+                parts.append({**metrics, "tokens": num_tokens(batch), "truncated": batch.num_truncated})
             step += 1
+            cpu_s, cpu_mark = time.process_time() - cpu_mark, time.process_time()  # since the last step's end
             grad_norm = engine.get_global_grad_norm()
             grad_norm = module_norm if grad_norm is None else grad_norm
             record = {"step": step, "lr": lr, "grad_norm": math.nan if grad_norm is None else float(grad_norm),
-                      **reduce_metrics(parts, device)}
+                      **reduce_metrics(parts + [{"cpu_s": cpu_s}], device)}
             record["time_s"] = time.perf_counter() - t0
             record["timestamp"] = time.time()  # differences cover whole steps, reports and checkpoints included
             record["tokens_per_s"] = record["tokens"] / record["time_s"]
@@ -166,11 +166,11 @@ def load_groups(source, world: int) -> list[dict]:
         parts = [None] * world
         dist.all_gather_object(parts, rows)
         rows = [row for part in parts for row in part]
-    elif isinstance(source, (str, Path)):
+    elif isinstance(source, (str, Path)):  # a parquet file or folder (Ray Data writes folders)
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(source).names
-        rows = pq.read_table(source, columns=[c for c in COLUMNS if c in names]).to_pylist()
+        table = pq.read_table(source)
+        rows = table.select([c for c in COLUMNS if c in table.column_names]).to_pylist()
     else:
         rows = [{c: row[c] for c in COLUMNS if c in row} for row in source]
     return sorted(rows, key=lambda row: (row["id"], row.get("cot_ids", [])))
@@ -205,13 +205,13 @@ def num_tokens(batch) -> int:
 def reduce_metrics(parts: list[dict], device: torch.device) -> dict:
     """One step's metrics over this worker's micro-batches and all workers: counts summed, the rest averaged
     over groups (see WEIGHTED_BY), NaN values (e.g. pair accuracy without pairs) left out."""
-    keys = sorted(parts[0])
+    keys = sorted(set().union(*parts))
     sums = torch.zeros(2, len(keys), dtype=torch.float64)
     for m in parts:
         for i, k in enumerate(keys):
             if k in SUMMED:
-                sums[0, i] += m[k]
-            elif math.isfinite(m[k]):
+                sums[0, i] += m.get(k, 0)
+            elif k in m and math.isfinite(m[k]):
                 w = m[WEIGHTED_BY.get(k, "groups")]
                 sums[0, i] += m[k] * w
                 sums[1, i] += w
