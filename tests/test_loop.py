@@ -105,16 +105,19 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit_to_local_head(tmp_path):
+    import secrets
+
     ray_bin = Path(sys.executable).parent / "ray"
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    token = tmp_path / "auth_token"  # token authentication on, as in cluster/*.yaml (docs/cluster.md)
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                             f"--temp-dir={tmp_path / 'ray'}"],
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
+        deadline = time.time() + 240
         while subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
                              capture_output=True).returncode != 0:
             assert time.time() < deadline, "the head node's job server did not come up"
@@ -143,7 +146,8 @@ def test_two_node_placement(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                            "dashboard_host": "127.0.0.1"})
     rollout_node = cluster.add_node(num_cpus=2, resources={"rollout": 1})
     trainer_node = cluster.add_node(num_cpus=2, resources={"trainer": 1})
     try:
