@@ -8,8 +8,10 @@ Stage directory (`stage_dir`, e.g. `rounds/<r>`):
     ray/train/step_<k>/               Ray Train's run: resumable checkpoints (see aftray.train.checkpoint);
                                       removed once the stage has finished unless keep_state
 A worker failure restarts the worker group from the last checkpoint (`FailureConfig(max_failures)`); re-running
-a stage whose driver died resumes the same way (Ray Train restores the run found under `ray/train`); a finished
-stage (train_result.json present) is not redone.
+a stage whose driver died resumes the same way (Ray Train restores the run found under `ray/train`, so the
+groups and settings must be the same); a finished stage (train_result.json present) is not redone. Ray Train
+registers a checkpoint when its controller next polls the workers (every 2 s): a worker that dies sooner after
+reporting one loses it, and the stage resumes from the one before.
 """
 from __future__ import annotations
 
