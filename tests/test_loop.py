@@ -124,7 +124,7 @@ def test_ray_job_submit_to_local_head(tmp_path):
             time.sleep(2)
         out = subprocess.run(
             [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "jobs/aft_gsm8k.py", "--config", "configs/arith_cpu.yaml", f"output_dir={tmp_path / 'out'}",
+             sys.executable, "jobs/aft_gsm8k.py", "--config", "configs/arith_cpu.yaml", f"output_dir={tmp_path / 'out'}",
              *SMALL, "loop.rounds=1", "run_name=submitted"],
             env=env, capture_output=True, text=True, timeout=600)
         logs = out.stdout + out.stderr
