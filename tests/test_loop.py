@@ -122,12 +122,15 @@ def test_ray_job_submit_to_local_head(tmp_path):
                              capture_output=True).returncode != 0:
             assert time.time() < deadline, "the head node's job server did not come up"
             time.sleep(2)
-        out = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             sys.executable, "jobs/aft_gsm8k.py", "--config", "configs/arith_cpu.yaml", f"output_dir={tmp_path / 'out'}",
-             *SMALL, "loop.rounds=1", "run_name=submitted"],
-            env=env, capture_output=True, text=True, timeout=600)
-        logs = out.stdout + out.stderr
+        submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                  sys.executable, "jobs/aft_gsm8k.py", "--config", "configs/arith_cpu.yaml",
+                  f"output_dir={tmp_path / 'out'}", *SMALL, "loop.rounds=1", "run_name=submitted"]
+        for _ in range(20):  # the job server answers before the node's job agent is up: Ray says to retry
+            out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            logs = out.stdout + out.stderr
+            if "No available agent to submit job" not in logs:
+                break
+            time.sleep(3)
         assert out.returncode == 0, logs[-3000:]
         assert "succeeded" in logs and "round 1:" in logs and "round 0:" in logs
         _check_summary(tmp_path / "out" / "submitted", 1, "online")
