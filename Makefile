@@ -18,4 +18,4 @@ test: setup  ## the fast suite (unit + integration on local Ray)
 	$(PY) -m pytest -m "not slow and not gpu" -q $(ARGS)
 
 test-slow: setup  ## end-to-end tests (minutes); CI runs them too
-	$(PY) -m pytest -m "slow and not gpu" -q $(ARGS)
+	$(PY) -m pytest -m "slow and not gpu" -q --durations=0 $(ARGS)

@@ -108,12 +108,15 @@ def test_ray_job_submit_to_local_head(tmp_path):
     import secrets
 
     ray_bin = Path(sys.executable).parent / "ray"
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, agent_grpc, metrics, env_agent = (_free_port() for _ in range(6))
     token = tmp_path / "auth_token"  # token authentication on, as in cluster/*.yaml (docs/cluster.md)
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                             # not the default ports: the suite's own local Ray (ray_local) already holds them
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"

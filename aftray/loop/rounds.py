@@ -127,7 +127,8 @@ class Run:
                              trust_remote_code=self.cfg.model.trust_remote_code,
                              placement_strategy=self.cfg.cluster.placement_strategy)
         self.weights = result.checkpoint
-        return {"time_train_s": time.perf_counter() - start, "train_loss": result.metrics["train_loss"],
+        return {"time_train_s": time.perf_counter() - start, "train_compute_s": result.metrics["train_time_s"],
+                "train_loss": result.metrics["train_loss"],
                 "train_steps": result.metrics["steps"], "train_tokens_per_s": result.metrics["tokens_per_s"],
                 **{f"train_{k}": v for k, v in result.history[-1].items()
                    if k in ("pair_acc", "s_pos", "s_neg", "alignment", "constraint", "vft")}}
@@ -173,9 +174,14 @@ class Run:
         self.finish_round(r, metrics, time.perf_counter() - start, tracker)
 
     def finish_round(self, r: int, metrics: dict, wall: float, tracker: Tracker) -> None:
-        phases = sum(metrics.get(k, 0.0) for k in ("time_rollout_s", "time_verify_s", "time_train_s",
-                                                     "time_sync_s", "time_eval_s"))
-        metrics.update(time_round_s=wall, time_overhead_s=max(wall - phases, 0.0), weights_version=self.version)
+        # orchestration overhead: the round's wall time minus the phases' compute. The train stage counts only its
+        # optimizer steps; its start-up (Ray Train workers, process group, model load) and checkpoint save are
+        # overhead, as are Ray Data scheduling gaps and tracking
+        compute = sum(metrics.get(k, 0.0) for k in ("time_rollout_s", "time_verify_s", "train_compute_s",
+                                                      "time_sync_s", "time_eval_s"))
+        overhead = max(wall - compute, 0.0)
+        metrics.update(time_round_s=wall, time_overhead_s=overhead, overhead_share=overhead / max(wall, 1e-9),
+                       weights_version=self.version)
         self.dir.write_round_metrics(r, metrics)  # written last: marks the round finished
         tracker.log_metrics(metrics, step=r)
         tracker.log_artifact(self.dir.round_dir(r) / "samples.txt", f"rounds/{r}")
