@@ -127,6 +127,9 @@ class TrainConfig:
     offload_optimizer: bool = False
     max_failures: int = 1
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0 = only at the end of a stage)
+    # steps between live metric reports to Ray Train: each `ray.train.report` synchronises every worker with the
+    # controller (~1.5 s on 2 loaded cores, 3x a tiny model's step); the full per-step history is returned anyway
+    report_every: int = 10
     seed: int = 0
     # VFT stage (offline mode, and the warm-up of a model trained from scratch)
     vft_steps: int = 0
@@ -397,6 +400,7 @@ def validate(cfg: Config) -> None:
     _check(t.steps_per_round is None or t.steps_per_round >= 1, "train.steps_per_round", "null or >= 1", t.steps_per_round)
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0 = end of stage only)",
            t.checkpoint_every)
+    _check(t.report_every >= 1, "train.report_every", "an integer >= 1", t.report_every)
     _check(t.vft_steps >= 0, "train.vft_steps", "an integer >= 0", t.vft_steps)
     _check(t.max_seq_len >= 8, "train.max_seq_len", "an integer >= 8", t.max_seq_len)
     _check(lo.name in OBJECTIVES, "loss.name", "one of " + ", ".join(sorted(OBJECTIVES)), lo.name)

@@ -13,14 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aftray.loop.compare import ARMS, run_comparison  # noqa: E402
+from aftray.loop.compare import ARMS, PAPER_ARMS, run_comparison  # noqa: E402
 from aftray.loop.report import update_results_page  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/arith_compare.yaml")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(PAPER_ARMS), help=f"comma list of: {', '.join(ARMS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--base-per-seed", action="store_true",

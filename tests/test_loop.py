@@ -54,7 +54,9 @@ def test_online_aft_bc_two_rounds(tmp_path, ray_local):
     assert summary["rounds"][2]["weights_version"] == 2
     # the samplers took each round's weights: round 1 was sampled by version 0, round 2 by version 1
     from aftray.loop.rundir import read_parquet_rows
-    assert {r["weights_version"] for r in read_parquet_rows(cfg.run_dir / "rounds" / "2" / "samples.parquet")} == {1}
+    for r in (1, 2):  # round 1 sampled by the VFT weights (version 0), not the base model (-1)
+        samples = read_parquet_rows(cfg.run_dir / "rounds" / str(r) / "samples.parquet")
+        assert {row["weights_version"] for row in samples} == {r - 1}
     # MLflow: one run, every round metric at step = round, the artifacts
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = (cfg.run_dir / "mlflow_run_id").read_text()

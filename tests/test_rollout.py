@@ -224,6 +224,24 @@ def test_pool_refresh_in_place(tiny_pool, tiny_rows, task, tiny_model_path):
     assert {i: c for i, (c, _) in greedy(12).items()} == {i: c for i, (c, _) in before.items()}
 
 
+def test_pool_starting_label_is_not_skipped(ray_local, tiny_model_path, tiny_rows, task, tmp_path):
+    """The loop labels the base model -1, so round 0's VFT weights (version 0) are loaded, not skipped as held."""
+    from safetensors.torch import save_file
+
+    save_file({n: t.contiguous() for n, t in other_weights(tiny_model_path).items()},
+              str(tmp_path / "model.safetensors"))
+    pool = RolloutPool(config(num_actors=1), tiny_model_path, version=-1)
+    try:
+        before = groups_by_id(pool, tiny_rows, 1, task.answer_kind, params=GREEDY)
+        assert pool.version == -1 and all(g["weights_version"] == -1 for g in before.values())
+        pool.refresh(tmp_path, 0)
+        after = groups_by_id(pool, tiny_rows, 1, task.answer_kind, params=GREEDY)
+        assert all(g["weights_version"] == 0 for g in after.values())
+        assert sum(after[i]["cot_ids"] != g["cot_ids"] for i, g in before.items()) >= len(before) - 1
+    finally:
+        pool.shutdown()
+
+
 @pytest.mark.slow
 def test_pool_smollm2(ray_local, task):
     path = resolve_model_path(ModelConfig())  # SmolLM2-135M-Instruct (offline: the converted GGUF)

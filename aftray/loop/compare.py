@@ -32,6 +32,9 @@ ARMS = {
     "dpo": "dpo", "dpo_bc": "dpo_bc", "rrhf": "rrhf", "rrhf_bc": "rrhf_bc", "pro": "pro", "pro_bc": "pro_bc",
     "orpo": "orpo", "orpo_bc": "orpo_bc", "align_none": "align_none",
 }
+# the paper's comparison (the default of jobs/compare_losses.py); PRO and ORPO arms run on request
+PAPER_ARMS = ("vft_continued", "rft", "aft_dc", "aft_bc", "aft_rank_bc", "dpo", "dpo_bc", "rrhf", "rrhf_bc",
+              "align_none")
 TRACKED = ("accuracy", "assessment_accuracy", "mean_score_pos", "mean_score_neg", "min_score_neg", "pass_at_k")
 
 

@@ -84,11 +84,10 @@ class Run:
         start_ray(cfg)
         check_cluster_fits(cfg)
         self.finished = self.dir.finished_rounds()
+        # weights are labelled with the round that produced them; the base model, before any round, is -1
         self.version = max(self.finished, default=-1)
         self.weights = self.checkpoint_of(self.version)
-        self.pool = RolloutPool(cfg.rollout, self.weights)
-        if self.version > 0:  # resumed: the weights are labelled with the round that produced them
-            self.pool.refresh(self.weights, self.version)
+        self.pool = RolloutPool(cfg.rollout, self.weights, version=self.version)
         self.evaluator = Evaluator(cfg, self.pool, self.task.answer_kind, self.eval_rows, self.dir)
 
     def checkpoint_of(self, r: int) -> Path:

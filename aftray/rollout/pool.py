@@ -87,9 +87,10 @@ def truncate_prompts(prompts: list[list[int]], names: list, limit: int, strict: 
 class EngineActor:
     """One engine in its own process for the whole run. Methods return (result, stats for the router)."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig):
+    def __init__(self, model_path: str, cfg: RolloutConfig, version: int):
         self.model_path, self.cfg = model_path, cfg
         self.engine = make_engine(cfg.engine, model_path, cfg)
+        self.engine.version = version  # the weights at model_path carry the pool's starting label
 
     def pid(self) -> int:
         return os.getpid()
@@ -220,12 +221,14 @@ def _verify_batch(batch: pa.Table, router, round: int, cfg: VerifyConfig, answer
 class RolloutPool:
     """`cfg.num_actors` engine actors (created here, kept until `shutdown`) and the router before them."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str | Path):
+    def __init__(self, cfg: RolloutConfig, model_path: str | Path, version: int = 0):
+        """`version` labels the weights at `model_path`; a later `refresh` must use another label, since
+        engines skip a version they hold (the loop starts a base model at -1: round 0's VFT weights are 0)."""
         self.cfg = cfg
         actor = ray.remote(EngineActor).options(**actor_options(cfg), max_restarts=MAX_RESTARTS,
                                                 max_task_retries=MAX_RESTARTS)
-        self._engines = [actor.remote(str(model_path), cfg) for _ in range(cfg.num_actors)]
-        self._weights = Weights(0)  # also keeps an object-store ref alive while engines may need it
+        self._engines = [actor.remote(str(model_path), cfg, version) for _ in range(cfg.num_actors)]
+        self._weights = Weights(version)  # also keeps an object-store ref alive while engines may need it
         self._router = ray.remote(Router).options(num_cpus=0).remote(self._engines, self._weights)
         self.engine_pids()  # wait for the models to load: a bad model path fails here, not mid-round
 

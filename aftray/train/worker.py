@@ -117,10 +117,11 @@ def train_loop(config: dict) -> dict:
             history.append(record)
 
             last = step == total_steps
-            if on_ray:
+            every = train.checkpoint_every
+            checkpoint = last or (every > 0 and step % every == 0)
+            if on_ray and (checkpoint or step % train.report_every == 0):  # the same steps on every rank
                 state = {"step": step, "history": history, "restarts": restarts}
-                every = train.checkpoint_every
-                report(record, engine, tokenizer, state, last or (every > 0 and step % every == 0))
+                report(record, engine, tokenizer, state, checkpoint)
             elif last:
                 save_checkpoint(engine, tokenizer, Path(config["out_dir"]), {"step": step, "history": history},
                                 with_optimizer=False)
