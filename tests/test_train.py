@@ -77,7 +77,7 @@ def test_groups_from_a_parquet_folder_in_id_order(tmp_path, tiny_model_path):
     (tmp_path / "samples.parquet").mkdir()  # Ray Data writes a folder of files
     pq.write_table(pa.Table.from_pylist(rows[2:]), tmp_path / "samples.parquet" / "a.parquet")
     pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "samples.parquet" / "b.parquet")
-    loaded = load_groups(tmp_path / "samples.parquet", world=1)
+    loaded = load_groups(tmp_path / "samples.parquet")
     assert [r["id"] for r in loaded] == ["q0", "q1", "q2", "q3"]
     assert "cots" not in loaded[0] and loaded[0]["cot_ids"] == rows[0]["cot_ids"]
 

@@ -39,7 +39,7 @@ class StageResult:
     @classmethod
     def from_loop(cls, checkpoint: Path, out: dict, time_s: float) -> StageResult:
         metrics = summarize(out["history"], time_s)
-        metrics.update(restarts=out["restarts"], peak_rss_mb=out["peak_rss_mb"])
+        metrics.update(restarts=out["restarts"], peak_rss_mb=out["peak_rss_mb"], setup_s=out["setup_s"])
         return cls(checkpoint, metrics, out["history"])
 
     def save(self) -> None:
@@ -66,9 +66,12 @@ def stage_configs(stage: str, train: TrainConfig, loss: LossConfig) -> tuple[Tra
     raise ValueError(f"stage: expected 'vft' or 'align', got {stage!r}")
 
 
-def loop_config(stage, groups, model_path, train, loss, trust_remote_code, out_dir) -> dict:
+def loop_config(stage, groups, model_path, train, loss, trust_remote_code, out_dir, on_ray: bool) -> dict:
+    if isinstance(groups, (str, Path)):
+        groups = str(Path(groups).absolute())
     return {"stage": stage, "groups": groups, "model_path": str(model_path), "trust_remote_code": trust_remote_code,
-            "train": dataclasses.asdict(train), "loss": dataclasses.asdict(loss), "out_dir": str(out_dir)}
+            "train": dataclasses.asdict(train), "loss": dataclasses.asdict(loss), "out_dir": str(out_dir),
+            "on_ray": on_ray}
 
 
 def train_stage(stage: str, groups, model_path: str | Path, stage_dir: str | Path, train: TrainConfig,
@@ -76,8 +79,10 @@ def train_stage(stage: str, groups, model_path: str | Path, stage_dir: str | Pat
                 keep_state: bool = False) -> StageResult:
     """Train one stage with a Ray Train `TorchTrainer` of DeepSpeed workers (Ray must be initialised).
 
-    groups: a Ray Dataset of group rows (materialised or read from parquet, so a restarted stage does not
-    re-run the rollout), a parquet path, or a list of rows. model_path: the weights the stage starts from."""
+    groups: a parquet path on storage every worker's node sees (the loop's run directory), or a list of rows
+    (shipped with the workers' config). Every worker reads all rows itself (they are token ids, small next to
+    the model): a Ray Data shard would cost ~30 s of dataset start-up per stage here and give nothing, as every
+    worker needs the whole, identically ordered list anyway. model_path: the weights the stage starts from."""
     stage_dir = Path(stage_dir).absolute()
     final = stage_dir / "checkpoint"
     if (final / RESULT_FILE).is_file():
@@ -92,18 +97,13 @@ def train_stage(stage: str, groups, model_path: str | Path, stage_dir: str | Pat
     from aftray.loop.placement import scaling_config_kwargs
     from aftray.train.worker import train_loop
 
-    if isinstance(groups, (str, Path)):
-        groups = ray.data.read_parquet(str(groups))
-    elif isinstance(groups, list):
-        groups = ray.data.from_items(groups)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config(stage, None, model_path, train, loss, trust_remote_code, ""),
+        train_loop_config=loop_config(stage, groups, model_path, train, loss, trust_remote_code, "", on_ray=True),
         scaling_config=ScalingConfig(**scaling_config_kwargs(train, placement_strategy)),
         run_config=RunConfig(name="train", storage_path=str(stage_dir / "ray"),
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
-        datasets={"train": groups},
     )
     start = time.perf_counter()
     result = trainer.fit()
@@ -130,7 +130,7 @@ def train_local(stage: str, groups: list[dict] | str | Path, model_path: str | P
     final = Path(stage_dir).absolute() / "checkpoint"
     train, loss = stage_configs(stage, train, loss)
     start = time.perf_counter()
-    out = train_loop(loop_config(stage, groups, model_path, train, loss, trust_remote_code, final))
+    out = train_loop(loop_config(stage, groups, model_path, train, loss, trust_remote_code, final, on_ray=False))
     result = StageResult.from_loop(final, out, time.perf_counter() - start)
     if int(os.environ["RANK"]) == 0:
         result.save()

@@ -2,9 +2,9 @@
 
 Top to bottom: process group -> the stage's group rows, in one order on every worker -> model under DeepSpeed
 -> resume -> optimizer steps (LR, micro-batches of whole question groups, loss from `OBJECTIVES`,
-`engine.step`) -> metrics -> checkpoints. Under Ray (`config["groups"] is None`) the rows come from the "train"
-dataset shard and checkpoints go through `ray.train.report`; without Ray they come from a list or a parquet
-file and only the final weights are saved. `import ray` happens on the Ray path only.
+`engine.step`) -> metrics -> checkpoints. The rows come from a list or a parquet file, read whole by every
+worker. Under Ray (`config["on_ray"]`) checkpoints go through `ray.train.report`; without Ray only the final
+weights are saved. `import ray` happens on the Ray path only.
 
 Batching. Optimizer step t takes the next `per_step` groups of an endless stream: the groups in a seeded
 shuffled order, reshuffled on each pass. `per_step` is `questions_per_step` rounded up to a multiple of the
@@ -51,14 +51,23 @@ def train_loop(config: dict) -> dict:
     """One stage on this worker. config: stage, model_path, trust_remote_code, train, loss (dicts of the config
     sections), groups (None under Ray; else a list of rows or a parquet path), out_dir (the final weights, path
     without Ray). Returns {"history": per-step records, "restarts": steps resumed from, "peak_rss_mb": per rank}."""
+    setup = {"process_start_s": time.time() - process_start_time()}  # interpreter, imports, worker set-up
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        setup[name], mark = time.perf_counter() - mark, time.perf_counter()
+
     train, loss_cfg = TrainConfig(**config["train"]), LossConfig(**config["loss"])
-    on_ray = config["groups"] is None
+    on_ray = config["on_ray"]
     device = init_distributed(train)
+    lap("process_group_s")
     try:
         import deepspeed
 
         rank, world = dist.get_rank(), dist.get_world_size()
-        groups = load_groups(config["groups"], world)
+        groups = load_groups(config["groups"])
+        lap("load_groups_s")
         if not groups:
             raise ValueError(f"stage {config['stage']}: no group rows to train on")
         per_step = -(-train.questions_per_step // world) * world
@@ -73,6 +82,7 @@ def train_loop(config: dict) -> dict:
             model.parameters(), lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay, fused=on_gpu)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model.parameters(),
                                           config=deepspeed_config(train, accum, world, offload))
+        lap("model_and_deepspeed_s")
 
         step, history, restarts = 0, [], []
         if on_ray:
@@ -84,6 +94,7 @@ def train_loop(config: dict) -> dict:
                     state = load_checkpoint(engine, Path(path))
                 step, history, restarts = state["step"], state["history"], state["restarts"] + [state["step"]]
 
+        lap("resume_s")
         objective = OBJECTIVES[loss_cfg.name]
         with_ref, with_samples = sequences_needed(loss_cfg)
         cpu_mark = time.process_time()
@@ -129,7 +140,8 @@ def train_loop(config: dict) -> dict:
 
         peak = [None] * world
         dist.all_gather_object(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        return {"history": history, "restarts": restarts, "peak_rss_mb": peak}
+        lap("steps_s")
+        return {"history": history, "restarts": restarts, "peak_rss_mb": peak, "setup_s": setup}
     finally:
         dist.destroy_process_group()
 
@@ -150,24 +162,23 @@ def init_distributed(train: TrainConfig) -> torch.device:
     return device
 
 
+def process_start_time() -> float:
+    """Unix time this process started (Linux: /proc), to time what happens before the train loop runs."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def load_groups(source, world: int) -> list[dict]:
+def load_groups(source) -> list[dict]:
     """The stage's group rows (plain Python values), in the same order on every worker."""
-    if source is None:  # Ray: this worker's shard of "train"; the shards' split is not deterministic, so gather
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("train")
-        rows = [row for b in shard.iter_batches(batch_size=None, batch_format="pyarrow")
-                for row in b.select([c for c in COLUMNS if c in b.column_names]).to_pylist()]
-        parts = [None] * world
-        dist.all_gather_object(parts, rows)
-        rows = [row for part in parts for row in part]
-    elif isinstance(source, (str, Path)):  # a parquet file or folder (Ray Data writes folders)
+    if isinstance(source, (str, Path)):  # a parquet file or folder (Ray Data writes folders)
         import pyarrow.parquet as pq
 
         table = pq.read_table(source)
