@@ -161,7 +161,8 @@ class Run:
         # rollout-side assessment is the sampling policy judging its own samples; the evaluator re-scores a
         # fixed held-out candidate set with the trained weights (the `assessment_accuracy` of the round)
         metrics = {f"rollout_{k}" if k in ("assessment_accuracy", "mean_score_pos", "mean_score_neg",
-                                           "score_gap", "min_score_neg") else k: v for k, v in metrics.items()}
+                                           "score_gap", "min_score_neg", "num_mixed_groups") else k: v
+                   for k, v in metrics.items()}
         with ThreadPoolExecutor(1) as ahead:
             # one round stale: round r+1's samples come from the weights that entered round r
             next_rollout = (ahead.submit(self.rollout, r + 1)

@@ -51,7 +51,9 @@ def train_loop(config: dict) -> dict:
     """One stage on this worker. config: stage, model_path, trust_remote_code, train, loss (dicts of the config
     sections), groups (None under Ray; else a list of rows or a parquet path), out_dir (the final weights, path
     without Ray). Returns {"history": per-step records, "restarts": steps resumed from, "peak_rss_mb": per rank}."""
-    setup = {"process_start_s": time.time() - process_start_time()}  # interpreter, imports, worker set-up
+    # seconds since this process started: interpreter, imports, Ray Train's worker set-up (and any idle time, had
+    # Ray handed the worker a pre-started process); then each set-up phase below
+    setup = {"process_start_s": time.time() - process_start_time()}
     mark = time.perf_counter()
 
     def lap(name: str) -> None:
