@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aftray.config import load_config
 from aftray.loop.rounds import run_loop
-from aftray.loop.rundir import write_json
+from aftray.loop.rundir import read_summary, write_json
 from aftray.loop.tracking import Tracker
 
 log = logging.getLogger("aftray")
@@ -46,6 +46,16 @@ def _link_round_zero(base_dir: Path, arm_dir: Path) -> None:
                     dirs_exist_ok=True)
 
 
+def _finished(cfg) -> dict | None:
+    """The summary of a run that has finished all its rounds: re-running the comparison skips it (the result
+    tables are rebuilt from the run directories); an unfinished run resumes after its last finished round."""
+    path = cfg.run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = read_summary(path)
+    return summary if len(summary["rounds"]) == cfg.loop.rounds + 1 else None
+
+
 def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_dir: str | Path,
                    overrides: list[str] | None = None, shared_base: bool = True) -> dict:
     out_dir = Path(out_dir).absolute()
@@ -68,14 +78,14 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
             base = load_config(preset, overrides + [f"output_dir={out_dir}", f"seed={base_seed}",
                                                     f"model.tiny.seed={base_seed}", f"train.seed={base_seed}",
                                                     f"run_name=base_s{base_seed}", "loop.rounds=0"])
-            run_loop(base, parent.run_id)  # resumes (does nothing) when that base is already finished
+            _finished(base) or run_loop(base, parent.run_id)
             seeded.append(f"model.tiny.seed={base_seed}")
             for arm in arms:
                 cfg = load_config(preset, seeded + [f"run_name={arm}_s{seed}", f"loss.name={ARMS[arm]}"])
                 _link_round_zero(base.run_dir, cfg.run_dir)
-                runs[arm][seed] = run_loop(cfg, parent.run_id)
+                runs[arm][seed] = _finished(cfg) or run_loop(cfg, parent.run_id)
         result = aggregate(runs, first.loop.rounds)
-        result.update(preset=str(preset), overrides=overrides, seeds=seeds, arms=arms, shared_base=shared_base,
+        result.update(preset=str(preset), overrides=overrides, seeds=seeds, shared_base=shared_base,
                       wall_time_s=time.perf_counter() - start, versions=_versions())
         write_json(out_dir / "comparison.json", result)
         (out_dir / "comparison.md").write_text(markdown_table(result))
