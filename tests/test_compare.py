@@ -65,8 +65,8 @@ def test_reduced_comparison_end_to_end(tmp_path):
     assert {p.name for p in (out / "plots").iterdir()} == {"accuracy.png", "assessment.png", "scores.png"}
 
     # MLflow: one parent run, a child run per arm (and the shared base)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'cmp' / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'cmp' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     parent = [r for r in runs if r.info.run_name == "cmp"]
     assert len(parent) == 1
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}

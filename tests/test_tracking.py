@@ -49,6 +49,20 @@ def test_sqlite_default(tmp_path, monkeypatch):
     assert again.run_id == tracker.run_id
 
 
+def test_runs_in_one_process_keep_their_own_stores(tmp_path, monkeypatch):
+    """A second job in the same process (the loss comparison, a test session) logs to its own output dir."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with Tracker(TrackingConfig(experiment="t"), tmp_path / "a" / "run", "ra", tmp_path / "a") as first:
+        first.log_metrics({"accuracy": 0.1}, step=0)
+    with Tracker(TrackingConfig(experiment="t"), tmp_path / "b" / "run", "rb", tmp_path / "b") as second:
+        second.log_metrics({"accuracy": 0.2}, step=0)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert second.uri == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    assert [m.value for m in _read_back(second.uri, second.run_id)[1]] == [0.2]
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = _free_port()

@@ -60,18 +60,19 @@ class Tracker:
         try:
             import mlflow
 
-            mlflow.set_tracking_uri(self.uri)
-            experiment = mlflow.set_experiment(cfg.experiment)
+            # a client bound to this run's URI: `mlflow.set_tracking_uri` would also export MLFLOW_TRACKING_URI,
+            # which the next Tracker in this process would then take for a user override
+            client = mlflow.MlflowClient(tracking_uri=self.uri)
+            experiment = client.get_experiment_by_name(cfg.experiment)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
             id_file = self.run_dir / "mlflow_run_id"
             tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
             if id_file.is_file():  # resume: continue the same MLflow run
-                run = mlflow.MlflowClient().get_run(id_file.read_text().strip())
-                self.run_id = run.info.run_id
+                self.run_id = client.get_run(id_file.read_text().strip()).info.run_id
             else:
-                run = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=run_name, tags=tags)
-                self.run_id = run.info.run_id
+                self.run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
                 id_file.write_text(self.run_id)
-            self._mlflow = mlflow.MlflowClient()
+            self._mlflow = client
         except Exception as err:  # noqa: BLE001 - tracking must never stop training
             self._warn(f"MLflow at {self.uri} failed ({type(err).__name__}: {err})")
 
