@@ -33,7 +33,7 @@ def main() -> int:
     result = run_comparison(args.config, args.arms.split(","), [int(s) for s in args.seeds.split(",")], args.out,
                             args.overrides, shared_base=not args.base_per_seed)
     if args.results_md:
-        update_results_page(result, Path(args.out), Path(args.results_md), " ".join(sys.argv))
+        update_results_page(result, Path(args.out), Path(args.results_md), " ".join(["python", *sys.argv]))
     return 0
 
 

@@ -66,6 +66,7 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
     first = load_config(preset, overrides + [f"output_dir={out_dir}"])  # fail fast on a bad preset/override
     start = time.perf_counter()
     runs: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    bases: dict[int, dict] = {}
     with Tracker(first.tracking, out_dir / "parent", out_dir.name, out_dir) as parent:
         parent.log_params({"arms": ",".join(arms), "seeds": ",".join(map(str, seeds)), "preset": str(preset),
                            "overrides": " ".join(overrides)})
@@ -78,7 +79,7 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
             base = load_config(preset, overrides + [f"output_dir={out_dir}", f"seed={base_seed}",
                                                     f"model.tiny.seed={base_seed}", f"train.seed={base_seed}",
                                                     f"run_name=base_s{base_seed}", "loop.rounds=0"])
-            _finished(base) or run_loop(base, parent.run_id)
+            bases[base_seed] = _finished(base) or run_loop(base, parent.run_id)
             seeded.append(f"model.tiny.seed={base_seed}")
             for arm in arms:
                 cfg = load_config(preset, seeded + [f"run_name={arm}_s{seed}", f"loss.name={ARMS[arm]}"])
@@ -86,7 +87,12 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
                 runs[arm][seed] = _finished(cfg) or run_loop(cfg, parent.run_id)
         result = aggregate(runs, first.loop.rounds)
         result.update(preset=str(preset), overrides=overrides, seeds=seeds, shared_base=shared_base,
-                      wall_time_s=time.perf_counter() - start, versions=_versions())
+                      wall_time_s=time.perf_counter() - start, versions=_versions(),
+                      # what the runs themselves took, however many invocations (resumes) it needed; an
+                      # arm's round 0 is its base's
+                      runs_time_s=sum(rec["time_round_s"] for s in bases.values() for rec in s["rounds"])
+                      + sum(rec["time_round_s"] for by_seed in runs.values() for s in by_seed.values()
+                            for rec in s["rounds"][1:]))
         write_json(out_dir / "comparison.json", result)
         (out_dir / "comparison.md").write_text(markdown_table(result))
         for path in plot_comparison(result, out_dir / "plots"):

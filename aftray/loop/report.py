@@ -24,7 +24,8 @@ def update_results_page(result: dict, out_dir: Path, page: Path, command: str) -
         f"Command: `{command}`  ",
         f"Preset: `{result['preset']}` with overrides `{' '.join(result['overrides']) or '(none)'}`  ",
         f"Seeds: {result['seeds']}; arms: {', '.join(result['arms'])}  ",
-        f"Wall time: {result['wall_time_s'] / 60:.1f} min on this machine (2 cores); versions: {versions}",
+        f"Time: the runs took {result['runs_time_s'] / 60:.1f} min in all (sum of their rounds' wall times; "
+        f"this invocation {result['wall_time_s'] / 60:.1f} min) on this machine (2 cores); versions: {versions}",
         "",
         markdown_table(result),
         *images,
