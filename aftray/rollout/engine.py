@@ -50,7 +50,8 @@ def derive_seed(seed: int, *keys: object) -> int:
 
 
 class Engine(ABC):
-    """One model replica. `version` names the weights it holds (0 = the initial model)."""
+    """One model replica. `version` names the weights it holds (the pool sets the label of the initial model:
+    0 by default, −1 in the loop, where version r is the weights after round r)."""
     version: int = 0
     tokenizer: object  # HF tokenizer of the model (the pool encodes text prefixes with it)
 
