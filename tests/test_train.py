@@ -1,6 +1,7 @@
 """Training stage: batching and LR schedule; the loop without Ray; Ray Train + DeepSpeed on 2 CPU workers
-(ZeRO 0 and 2): loss goes down, the checkpoint reloads in transformers with the trained weights' logits, and a
-killed worker is restarted from the last checkpoint and the stage ends with the same number of steps."""
+(ZeRO 0 and 2) kept for several stages: loss goes down, checkpoints reload in transformers with the trained
+weights' logits, and a killed worker is restarted from the last checkpoint and the stage ends with the same
+number of steps."""
 import os
 import random
 import tempfile
@@ -99,52 +100,84 @@ def test_local_stage_without_ray(tmp_path, tiny_model_path):
     assert not torch.equal(logits(reloaded, tokenizer), logits(load_model(tiny_model_path), tokenizer))
 
 
-def trained_weights(ray_checkpoint: Path, zero_stage: int) -> dict:
+def trained_weights(checkpoint: Path, zero_stage: int) -> dict:
     """The trained fp32 weights as DeepSpeed holds them (not the HF export): ZeRO-0 keeps them in the module
     state, ZeRO-2 in the optimizer's partitioned master weights."""
     if zero_stage == 0:
-        return torch.load(ray_checkpoint / "deepspeed" / "state" / "mp_rank_00_model_states.pt",
+        return torch.load(checkpoint / "deepspeed" / "state" / "mp_rank_00_model_states.pt",
                           weights_only=False)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ray_checkpoint / "deepspeed"), tag="state")
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "deepspeed"), tag="state")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_ray_stage_trains_and_checkpoint_reloads(ray_local, tmp_path, tiny_model_path, zero_stage):
+def test_train_service_runs_stages_on_the_same_workers(ray_local, tmp_path, tiny_model_path, zero_stage):
+    """Two stages on one long-lived worker group: the second starts from the first's weights; the mid-stage
+    checkpoint's HF export holds exactly the weights DeepSpeed trained; the final weights reload."""
     from aftray.models import load_model, load_tokenizer
-    from aftray.train.stage import train_stage
+    from aftray.train.service import TrainService
 
     tokenizer = load_tokenizer(tiny_model_path)
-    result = train_stage("align", make_groups(tokenizer), tiny_model_path, tmp_path,
-                         small_train(zero_stage=zero_stage), LossConfig(name="aft_bc"), keep_state=True)
-    losses = [h["loss"] for h in result.history]
-    assert [h["step"] for h in result.history] == list(range(1, 7)) and result.metrics["restarts"] == []
-    assert losses[-1] < losses[0] and result.metrics["steps"] == 6
-    h = result.history[-1]
+    train = small_train(zero_stage=zero_stage, checkpoint_every=3)
+    with TrainService(train, tmp_path / "ray", keep_state=True) as service:
+        first = service.train("align", make_groups(tokenizer), tiny_model_path, tmp_path / "a", train,
+                              LossConfig(name="aft_bc"))
+        second = service.train("align", make_groups(tokenizer), first.checkpoint, tmp_path / "b", train,
+                               LossConfig(name="aft_bc"))
+    losses = [h["loss"] for h in first.history]
+    assert [h["step"] for h in first.history] == list(range(1, 7)) and first.metrics["restarts"] == []
+    assert losses[-1] < losses[0] and first.metrics["steps"] == 6
+    h = first.history[-1]
     assert h["groups"] == 4 and 0 <= h["pair_acc"] <= 1 and h["grad_norm"] > 0 and h["tokens_per_s"] > 0
-    assert len(result.metrics["peak_rss_mb"]) == 2
+    assert len(first.metrics["peak_rss_mb"]) == 2 and len(set(first.metrics["worker_pids"])) == 2
+    assert second.metrics["worker_pids"] == first.metrics["worker_pids"]  # the same processes
+    assert second.history[0]["loss"] < first.history[0]["loss"]  # it started from the trained weights
 
-    reloaded = load_model(result.checkpoint)
+    mid = tmp_path / "ray" / "train" / "align_b_step_000003"  # the run keeps the latest checkpoint only
+    exported = load_model(mid)
     trained = load_model(tiny_model_path)
-    missing, unexpected = trained.load_state_dict(trained_weights(tmp_path / "ray" / "train" / "step_000006",
-                                                                  zero_stage), strict=False)
+    missing, unexpected = trained.load_state_dict(trained_weights(mid, zero_stage), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
-    assert torch.equal(logits(reloaded, tokenizer), logits(trained, tokenizer))
-    assert not torch.equal(logits(reloaded, tokenizer), logits(load_model(tiny_model_path), tokenizer))
+    assert torch.equal(logits(exported, tokenizer), logits(trained, tokenizer))
+    for result in (first, second):
+        assert (result.checkpoint / "train_result.json").is_file()
+    assert not torch.equal(logits(load_model(first.checkpoint), tokenizer),
+                           logits(load_model(tiny_model_path), tokenizer))
 
 
 @pytest.mark.slow
 def test_ray_stage_resumes_after_a_worker_dies(ray_local, tmp_path, tiny_model_path):
+    """A worker dies in the second stage: the restarted group skips the finished first stage and resumes the
+    second from its last checkpoint; it ends with the same number of steps."""
+    from aftray.models import load_tokenizer
+    from aftray.train.service import TrainService
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    train = small_train(zero_stage=2, checkpoint_every=2)
+    with TrainService(train, tmp_path / "ray") as service:
+        first = service.train("align", make_groups(tokenizer), tiny_model_path, tmp_path / "a", train,
+                              LossConfig(name="aft_bc"))
+        FAULT_FILE.write_text("3")  # rank 1 exits right after step 3; the last checkpoint is step 2
+        second = service.train("align", make_groups(tokenizer), first.checkpoint, tmp_path / "b", train,
+                               LossConfig(name="aft_bc"))
+    assert not FAULT_FILE.exists()  # the fault fired
+    assert first.metrics["restarts"] == [] and second.metrics["restarts"] == [2]
+    assert second.metrics["steps"] == 6 and [h["step"] for h in second.history] == list(range(1, 7))
+    assert second.metrics["worker_pids"] != first.metrics["worker_pids"]  # a new worker group
+    assert not (tmp_path / "ray").exists() and (second.checkpoint / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_train_stage_alone(ray_local, tmp_path, tiny_model_path):
+    """`train_stage`: one stage on workers of its own, stopped afterwards; a finished stage is not redone."""
     from aftray.models import load_tokenizer
     from aftray.train.stage import train_stage
 
     tokenizer = load_tokenizer(tiny_model_path)
-    FAULT_FILE.write_text("3")  # rank 1 exits right after step 3; the last checkpoint is step 2
-    result = train_stage("align", make_groups(tokenizer), tiny_model_path, tmp_path,
-                         small_train(zero_stage=2, checkpoint_every=2), LossConfig(name="aft_bc"))
-    assert not FAULT_FILE.exists()  # the fault fired
-    assert result.metrics["restarts"] == [2]
-    assert result.metrics["steps"] == 6 and [h["step"] for h in result.history] == list(range(1, 7))
-    assert not (tmp_path / "ray").exists() and (result.checkpoint / "model.safetensors").is_file()
+    train = small_train(num_workers=1)
+    result = train_stage("vft", make_groups(tokenizer), tiny_model_path, tmp_path, train, LossConfig())
+    assert result.metrics["steps"] == 2 and not (tmp_path / "ray").exists()  # one pass: 8 groups, 4 per step
+    again = train_stage("vft", make_groups(tokenizer), tiny_model_path, tmp_path, train, LossConfig())
+    assert again.metrics == result.metrics

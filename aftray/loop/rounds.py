@@ -64,13 +64,16 @@ def vft_rows(rows: list[dict]) -> list[dict]:
 
 
 class Run:
-    """The state one run needs across rounds: config, run dir, pool of samplers, tracker."""
+    """The state one run needs across rounds: config, run dir, samplers, train workers.
 
-    def __init__(self, cfg: Config):
+    trainer: train workers to use (a comparison shares one between its runs); else the run starts its own."""
+
+    def __init__(self, cfg: Config, trainer=None):
         from aftray.loop.placement import check_cluster_fits
         from aftray.models import load_tokenizer, resolve_model_path
         from aftray.rollout import RolloutPool, question_rows
         from aftray.tasks import load_task
+        from aftray.train.service import TrainService
 
         self.cfg, self.dir = cfg, RunDir(cfg.run_dir)
         save_config(cfg, self.dir.config_path)
@@ -89,6 +92,9 @@ class Run:
         self.weights = self.checkpoint_of(self.version)
         self.pool = RolloutPool(cfg.rollout, self.weights, version=self.version)
         self.evaluator = Evaluator(cfg, self.pool, self.task.answer_kind, self.eval_rows, self.dir)
+        self.owns_trainer = trainer is None
+        self.trainer = trainer or TrainService(cfg.train, self.dir.root / "train_state",
+                                               cfg.cluster.placement_strategy)
 
     def checkpoint_of(self, r: int) -> Path:
         """Weights after round r (round 0: after the VFT stage, if there was one); the base model before any."""
@@ -118,13 +124,10 @@ class Run:
                 "rollout_tokens": stats["rollout_tokens"], "truncated_prompts": stats["truncated_prompts"]}
 
     def train(self, r: int, stage: str = "align") -> dict:
-        from aftray.train.stage import train_stage
-
         groups = vft_rows(self.train_rows) if stage == "vft" else self.dir.samples_path(r)
         start = time.perf_counter()
-        result = train_stage(stage, groups, self.weights, self.dir.round_dir(r), self.cfg.train, self.cfg.loss,
-                             trust_remote_code=self.cfg.model.trust_remote_code,
-                             placement_strategy=self.cfg.cluster.placement_strategy)
+        result = self.trainer.train(stage, groups, self.weights, self.dir.round_dir(r), self.cfg.train,
+                                    self.cfg.loss, trust_remote_code=self.cfg.model.trust_remote_code)
         self.weights = result.checkpoint
         return {"time_train_s": time.perf_counter() - start, "train_compute_s": result.metrics["train_time_s"],
                 "train_loss": result.metrics["train_loss"],
@@ -199,9 +202,10 @@ class Run:
                 "final": {**rounds[-1], "checkpoint": str(self.checkpoint_of(rounds[-1]["round"]))}}
 
 
-def run_loop(cfg: Config, parent_run_id: str | None = None) -> dict:
-    """Run (or resume) every round of `cfg`; returns the summary (also at <run_dir>/summary.json)."""
-    run = Run(cfg)
+def run_loop(cfg: Config, parent_run_id: str | None = None, trainer=None) -> dict:
+    """Run (or resume) every round of `cfg`; returns the summary (also at <run_dir>/summary.json).
+    trainer: a `TrainService` to train on (left running); by default the run starts and stops its own."""
+    run = Run(cfg, trainer)
     with Tracker(cfg.tracking, run.dir.root, cfg.run_name, cfg.output_dir, parent_run_id) as tracker:
         tracker.log_params(flatten(to_dict(cfg)))
         tracker.log_artifact(run.dir.config_path)
@@ -219,6 +223,8 @@ def run_loop(cfg: Config, parent_run_id: str | None = None) -> dict:
             tracker.log_artifact(path, "plots")
         tracker.log_artifact(run.dir.summary_path)
         run.pool.shutdown()
+        if run.owns_trainer:
+            run.trainer.close()
     log.info("done: summary %s, plots %s, MLflow %s (run %s)", run.dir.summary_path, run.dir.plots_dir,
              tracker.uri, tracker.run_id)
     return summary

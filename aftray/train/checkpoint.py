@@ -37,4 +37,9 @@ def save_checkpoint(engine, tokenizer, out: Path, state: dict, with_optimizer: b
 def load_checkpoint(engine, path: Path) -> dict:
     """Restore module, optimizer and ZeRO state into `engine`; return the loop's state."""
     engine.load_checkpoint(str(path / DS_DIR), tag=DS_TAG)
+    return checkpoint_state(path)
+
+
+def checkpoint_state(path: Path) -> dict:
+    """The loop's state saved with a checkpoint (stage name, step, history, ...)."""
     return json.loads((path / STATE_FILE).read_text())

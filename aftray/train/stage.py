@@ -1,31 +1,27 @@
-"""Launch one training stage: `train_stage` on Ray Train, `train_local` in this process (torchrun or alone).
+"""One training stage: its settings, its result, and how to run it alone (`train_stage` on Ray Train,
+`train_local` in this process, alone or under torchrun). The loop runs its stages on one long-lived
+`aftray.train.service.TrainService` instead.
 
-Two stages use the same loop (`aftray.train.worker.train_loop`): `vft` (reference COTs only, loss "vft", the
+Two stages use the same loop (`aftray.train.worker.run_stage`): `vft` (reference COTs only, loss "vft", the
 `vft_*` settings) and `align` (the configured objective on the sampled groups).
 
 Stage directory (`stage_dir`, e.g. `rounds/<r>`):
-    checkpoint/                       the stage's final weights, HF-loadable, plus train_result.json
-    ray/train/step_<k>/               Ray Train's run: resumable checkpoints (see aftray.train.checkpoint);
-                                      removed once the stage has finished unless keep_state
-A worker failure restarts the worker group from the last checkpoint (`FailureConfig(max_failures)`); re-running
-a stage whose driver died resumes the same way (Ray Train restores the run found under `ray/train`, so the
-groups and settings must be the same); a finished stage (train_result.json present) is not redone. Ray Train
-registers a checkpoint when its controller next polls the workers (every 2 s): a worker that dies sooner after
-reporting one loses it, and the stage resumes from the one before.
+    checkpoint/                       the stage's final weights, HF-loadable, plus train_result.json (written
+                                      last: a stage with it is finished and is not redone)
+`train_stage` keeps Ray Train's run (mid-stage checkpoints, `train.checkpoint_every`) in `<stage_dir>/ray/`,
+removed once the stage has finished unless keep_state.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aftray.config import LossConfig, TrainConfig
-from aftray.train.checkpoint import DS_DIR
 
 RESULT_FILE = "train_result.json"
 
@@ -39,7 +35,7 @@ class StageResult:
     @classmethod
     def from_loop(cls, checkpoint: Path, out: dict, time_s: float) -> StageResult:
         metrics = summarize(out["history"], time_s)
-        metrics.update(restarts=out["restarts"], peak_rss_mb=out["peak_rss_mb"], setup_s=out["setup_s"])
+        metrics.update({k: out[k] for k in ("restarts", "setup_s", "worker_pids", "peak_rss_mb")})
         return cls(checkpoint, metrics, out["history"])
 
     def save(self) -> None:
@@ -66,58 +62,28 @@ def stage_configs(stage: str, train: TrainConfig, loss: LossConfig) -> tuple[Tra
     raise ValueError(f"stage: expected 'vft' or 'align', got {stage!r}")
 
 
-def loop_config(stage, groups, model_path, train, loss, trust_remote_code, out_dir, on_ray: bool) -> dict:
+def loop_config(stage, name, groups, model_path, train, loss, trust_remote_code, out_dir, on_ray: bool) -> dict:
+    """What a worker needs to run one stage (`aftray.train.worker.run_stage`)."""
     if isinstance(groups, (str, Path)):
         groups = str(Path(groups).absolute())
-    return {"stage": stage, "groups": groups, "model_path": str(model_path), "trust_remote_code": trust_remote_code,
-            "train": dataclasses.asdict(train), "loss": dataclasses.asdict(loss), "out_dir": str(out_dir),
-            "on_ray": on_ray}
+    return {"stage": stage, "name": name, "groups": groups, "model_path": str(model_path),
+            "trust_remote_code": trust_remote_code, "train": dataclasses.asdict(train),
+            "loss": dataclasses.asdict(loss), "out_dir": str(out_dir), "posted_at": time.time(), "on_ray": on_ray}
 
 
 def train_stage(stage: str, groups, model_path: str | Path, stage_dir: str | Path, train: TrainConfig,
                 loss: LossConfig, *, trust_remote_code: bool = False, placement_strategy: str = "PACK",
                 keep_state: bool = False) -> StageResult:
-    """Train one stage with a Ray Train `TorchTrainer` of DeepSpeed workers (Ray must be initialised).
+    """Train one stage on Ray Train workers of its own (Ray must be initialised); see `TrainService.train`.
 
     groups: a parquet path on storage every worker's node sees (the loop's run directory), or a list of rows
-    (shipped with the workers' config). Every worker reads all rows itself (they are token ids, small next to
-    the model): a Ray Data shard would cost ~30 s of dataset start-up per stage here and give nothing, as every
-    worker needs the whole, identically ordered list anyway. model_path: the weights the stage starts from."""
-    stage_dir = Path(stage_dir).absolute()
-    final = stage_dir / "checkpoint"
-    if (final / RESULT_FILE).is_file():
-        if not keep_state:
-            shutil.rmtree(stage_dir / "ray", ignore_errors=True)
-        return StageResult.load(final)
-    train, loss = stage_configs(stage, train, loss)
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    (shipped with the job). Every worker reads all rows itself (they are token ids, small next to the model): a
+    Ray Data shard would cost ~30 s of dataset start-up per stage here and give nothing, as every worker needs
+    the whole, identically ordered list anyway. model_path: the weights the stage starts from."""
+    from aftray.train.service import TrainService
 
-    from aftray.loop.placement import scaling_config_kwargs
-    from aftray.train.worker import train_loop
-
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config(stage, groups, model_path, train, loss, trust_remote_code, "", on_ray=True),
-        scaling_config=ScalingConfig(**scaling_config_kwargs(train, placement_strategy)),
-        run_config=RunConfig(name="train", storage_path=str(stage_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
-    start = time.perf_counter()
-    result = trainer.fit()
-    # Publish the last checkpoint's HF files as <stage_dir>/checkpoint: hard links are instant and outlive the
-    # Ray run folder; the DeepSpeed state stays behind.
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(result.checkpoint.path, tmp, copy_function=os.link, ignore=shutil.ignore_patterns(DS_DIR))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    StageResult.from_loop(final, result.return_value, time.perf_counter() - start).save()
-    if not keep_state:
-        shutil.rmtree(stage_dir / "ray", ignore_errors=True)
-    return StageResult.load(final)
+    with TrainService(train, Path(stage_dir).absolute() / "ray", placement_strategy, keep_state) as service:
+        return service.train(stage, groups, model_path, stage_dir, train, loss, trust_remote_code=trust_remote_code)
 
 
 def train_local(stage: str, groups: list[dict] | str | Path, model_path: str | Path, stage_dir: str | Path,
@@ -130,7 +96,8 @@ def train_local(stage: str, groups: list[dict] | str | Path, model_path: str | P
     final = Path(stage_dir).absolute() / "checkpoint"
     train, loss = stage_configs(stage, train, loss)
     start = time.perf_counter()
-    out = train_loop(loop_config(stage, groups, model_path, train, loss, trust_remote_code, final, on_ray=False))
+    out = train_loop(loop_config(stage, stage, groups, model_path, train, loss, trust_remote_code, final,
+                                 on_ray=False))
     result = StageResult.from_loop(final, out, time.perf_counter() - start)
     if int(os.environ["RANK"]) == 0:
         result.save()

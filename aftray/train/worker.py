@@ -1,10 +1,11 @@
 """The train loop of one stage, run by every worker: a Ray Train worker, a torchrun rank, or a lone process.
 
-Top to bottom: process group -> the stage's group rows, in one order on every worker -> model under DeepSpeed
--> resume -> optimizer steps (LR, micro-batches of whole question groups, loss from `OBJECTIVES`,
-`engine.step`) -> metrics -> checkpoints. The rows come from a list or a parquet file, read whole by every
-worker. Under Ray (`config["on_ray"]`) checkpoints go through `ray.train.report`; without Ray only the final
-weights are saved. `import ray` happens on the Ray path only.
+Under Ray, `serve` keeps a worker alive for the whole run and runs one stage per request (see
+`aftray.train.service`); without Ray, `train_loop` runs one stage. A stage (`run_stage`), top to bottom: the
+stage's group rows, in one order on every worker -> model under DeepSpeed (fresh from the stage's starting
+weights, fresh optimizer) -> resume -> optimizer steps (LR, micro-batches of whole question groups, loss from
+`OBJECTIVES`, `engine.step`) -> metrics -> mid-stage checkpoints through `ray.train.report` (Ray only) -> the
+final weights, written straight into the stage's folder. `import ray` happens on the Ray path only.
 
 Batching. Optimizer step t takes the next `per_step` groups of an endless stream: the groups in a seeded
 shuffled order, reshuffled on each pass. `per_step` is `questions_per_step` rounded up to a multiple of the
@@ -25,6 +26,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import socket
 import tempfile
 import time
@@ -35,7 +37,7 @@ import torch.distributed as dist
 
 from aftray.config import LossConfig, TrainConfig
 from aftray.models import load_model, load_tokenizer
-from aftray.train.checkpoint import load_checkpoint, save_checkpoint
+from aftray.train.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config
 from aftray.train.losses import OBJECTIVES, sequences_needed
 from aftray.train.scores import collate_groups, score_groups
@@ -48,104 +50,134 @@ WEIGHTED_BY = {"pair_acc": "groups_with_both"}  # means over groups, pair accura
 
 
 def train_loop(config: dict) -> dict:
-    """One stage on this worker. config: stage, model_path, trust_remote_code, train, loss (dicts of the config
-    sections), groups (None under Ray; else a list of rows or a parquet path), out_dir (the final weights, path
-    without Ray). Returns {"history": per-step records, "restarts": steps resumed from, "peak_rss_mb": per rank}."""
-    # seconds since this process started: interpreter, imports, Ray Train's worker set-up (and any idle time, had
-    # Ray handed the worker a pre-started process); then each set-up phase below
-    setup = {"process_start_s": time.time() - process_start_time()}
+    """One stage in this process, without Ray: alone, or as one rank of `torchrun`. config: see `run_stage`."""
+    device = init_distributed(TrainConfig(**config["train"]))
+    try:
+        return run_stage(config, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def serve(config: dict) -> None:
+    """Ray Train's function on every worker of a `TrainService`: train each stage the driver posts to the inbox
+    (config["inbox"], a `StageInbox` actor), in order, until it posts None. The worker process, its process
+    group and `import deepspeed` are paid once per run; each stage loads its starting weights afresh (a
+    restarted worker group skips the stages finished before and resumes the pending one from its checkpoint)."""
+    import ray
+    import ray.train
+
+    device = init_distributed(TrainConfig(**config["train"]))
+    inbox = config["inbox"]
+    resume = ray.train.get_checkpoint()  # the latest checkpoint of this run (any stage); None on a fresh start
+    index = ray.get(inbox.first_unfinished.remote())
+    try:
+        while (job := ray.get(inbox.job.remote(index))) is not None:
+            out = run_stage(job, device, resume)
+            if dist.get_rank() == 0:
+                ray.get(inbox.finish.remote(index, out))
+            resume, index = None, index + 1
+    finally:
+        dist.destroy_process_group()
+
+
+def run_stage(config: dict, device: torch.device, resume=None) -> dict:
+    """One stage on this worker (the process group is up). config: stage, name, model_path, trust_remote_code,
+    train, loss (dicts of the config sections), groups (a list of rows or a parquet path), out_dir (where the
+    final weights go), posted_at (Unix time the driver asked for the stage), on_ray. resume: a Ray checkpoint,
+    used if it belongs to this stage. Returns {"history": per-step records, "restarts": steps resumed from,
+    "setup_s": seconds of each phase, "worker_pids" and "peak_rss_mb": per rank}."""
+    # start_s: from the driver's request to this worker starting the stage: a worker group's start-up on the
+    # first stage (processes, imports, process group), ~0 for the stages after it
+    setup = {"start_s": max(0.0, time.time() - config["posted_at"])}
     mark = time.perf_counter()
 
     def lap(name: str) -> None:
         nonlocal mark
         setup[name], mark = time.perf_counter() - mark, time.perf_counter()
 
+    import deepspeed  # seconds on a worker's first stage
+
+    lap("import_s")
     train, loss_cfg = TrainConfig(**config["train"]), LossConfig(**config["loss"])
-    on_ray = config["on_ray"]
-    device = init_distributed(train)
-    lap("process_group_s")
-    try:
-        import deepspeed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    groups = load_groups(config["groups"])
+    lap("load_groups_s")
+    if not groups:
+        raise ValueError(f"stage {config['stage']}: no group rows to train on")
+    per_step = -(-train.questions_per_step // world) * world
+    accum = -(-(per_step // world) // train.micro_batch_questions)
+    total_steps = train.steps_per_round or -(-len(groups) // per_step)
 
-        rank, world = dist.get_rank(), dist.get_world_size()
-        groups = load_groups(config["groups"])
-        lap("load_groups_s")
-        if not groups:
-            raise ValueError(f"stage {config['stage']}: no group rows to train on")
-        per_step = -(-train.questions_per_step // world) * world
-        accum = -(-(per_step // world) // train.micro_batch_questions)
-        total_steps = train.steps_per_round or -(-len(groups) // per_step)
+    tokenizer = load_tokenizer(config["model_path"], config["trust_remote_code"])
+    model = load_model(config["model_path"], train.dtype, config["trust_remote_code"])
+    on_gpu = device.type == "cuda"
+    offload = on_gpu and train.offload_optimizer  # then DeepSpeed's CPU Adam steps on the host
+    optimizer = None if offload else torch.optim.AdamW(
+        model.parameters(), lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay, fused=on_gpu)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model.parameters(),
+                                      config=deepspeed_config(train, accum, world, offload))
+    lap("model_and_deepspeed_s")
 
-        tokenizer = load_tokenizer(config["model_path"], config["trust_remote_code"])
-        model = load_model(config["model_path"], train.dtype, config["trust_remote_code"])
-        on_gpu = device.type == "cuda"
-        offload = on_gpu and train.offload_optimizer  # then DeepSpeed's CPU Adam steps on the host
-        optimizer = None if offload else torch.optim.AdamW(
-            model.parameters(), lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay, fused=on_gpu)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model.parameters(),
-                                          config=deepspeed_config(train, accum, world, offload))
-        lap("model_and_deepspeed_s")
-
-        step, history, restarts = 0, [], []
-        if on_ray:
-            import ray.train
-
-            resume = ray.train.get_checkpoint()
-            if resume:
-                with resume.as_directory() as path:
-                    state = load_checkpoint(engine, Path(path))
+    step, history, restarts = 0, [], []
+    if resume is not None:
+        with resume.as_directory() as path:
+            if checkpoint_state(Path(path)).get("stage") == config["name"]:
+                state = load_checkpoint(engine, Path(path))
                 step, history, restarts = state["step"], state["history"], state["restarts"] + [state["step"]]
+    lap("resume_s")
 
-        lap("resume_s")
-        objective = OBJECTIVES[loss_cfg.name]
-        with_ref, with_samples = sequences_needed(loss_cfg)
-        cpu_mark = time.process_time()
-        while step < total_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, total_steps, train)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            mine = step_groups(groups, step, per_step, train.seed)[rank::world]
-            parts, module_norm = [], None
-            for i in range(accum):
-                rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
-                batch = collate_groups(rows, train.max_seq_len, train.packing, with_ref, with_samples,
-                                       tokenizer.pad_token_id).to(device)
-                loss, metrics = objective(loss_cfg, score_groups(engine, batch))
-                engine.backward(loss * len(rows) * accum / len(mine))  # DeepSpeed divides by accum
-                if i == accum - 1 and engine.zero_optimization_stage() == 0:  # where DeepSpeed drops the norm
-                    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                    module_norm = torch.nn.utils.get_total_norm(grads) if grads else None
-                engine.step()  # the optimizer steps (and clips) on the last micro-batch only
-                parts.append({**metrics, "tokens": num_tokens(batch), "truncated": batch.num_truncated})
-            step += 1
-            cpu_s, cpu_mark = time.process_time() - cpu_mark, time.process_time()  # since the last step's end
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = module_norm if grad_norm is None else grad_norm
-            record = {"step": step, "lr": lr, "grad_norm": math.nan if grad_norm is None else float(grad_norm),
-                      **reduce_metrics(parts + [{"cpu_s": cpu_s}], device)}
-            record["time_s"] = time.perf_counter() - t0
-            record["timestamp"] = time.time()  # differences cover whole steps, reports and checkpoints included
-            record["tokens_per_s"] = record["tokens"] / record["time_s"]
-            history.append(record)
+    objective = OBJECTIVES[loss_cfg.name]
+    with_ref, with_samples = sequences_needed(loss_cfg)
+    cpu_mark = time.process_time()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, total_steps, train)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        mine = step_groups(groups, step, per_step, train.seed)[rank::world]
+        parts, module_norm = [], None
+        for i in range(accum):
+            rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
+            batch = collate_groups(rows, train.max_seq_len, train.packing, with_ref, with_samples,
+                                   tokenizer.pad_token_id).to(device)
+            loss, metrics = objective(loss_cfg, score_groups(engine, batch))
+            engine.backward(loss * len(rows) * accum / len(mine))  # DeepSpeed divides by accum
+            if i == accum - 1 and engine.zero_optimization_stage() == 0:  # where DeepSpeed drops the norm
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                module_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            engine.step()  # the optimizer steps (and clips) on the last micro-batch only
+            parts.append({**metrics, "tokens": num_tokens(batch), "truncated": batch.num_truncated})
+        step += 1
+        cpu_s, cpu_mark = time.process_time() - cpu_mark, time.process_time()  # since the last step's end
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = module_norm if grad_norm is None else grad_norm
+        record = {"step": step, "lr": lr, "grad_norm": math.nan if grad_norm is None else float(grad_norm),
+                  **reduce_metrics(parts + [{"cpu_s": cpu_s}], device)}
+        record["time_s"] = time.perf_counter() - t0
+        record["timestamp"] = time.time()  # differences cover whole steps, reports and checkpoints included
+        record["tokens_per_s"] = record["tokens"] / record["time_s"]
+        history.append(record)
 
-            last = step == total_steps
-            every = train.checkpoint_every
-            checkpoint = last or (every > 0 and step % every == 0)
-            if on_ray and (checkpoint or step % train.report_every == 0):  # the same steps on every rank
-                state = {"step": step, "history": history, "restarts": restarts}
-                report(record, engine, tokenizer, state, checkpoint)
-            elif last:
-                save_checkpoint(engine, tokenizer, Path(config["out_dir"]), {"step": step, "history": history},
-                                with_optimizer=False)
-            fault_hook(step, rank, world)
+        every = train.checkpoint_every
+        if step < total_steps and config["on_ray"]:  # the same steps on every rank
+            if every > 0 and step % every == 0:
+                report(record, engine, tokenizer, {"stage": config["name"], "step": step, "history": history,
+                                                   "restarts": restarts})
+            elif step % train.report_every == 0:
+                import ray.train
 
-        peak = [None] * world
-        dist.all_gather_object(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        lap("steps_s")
-        return {"history": history, "restarts": restarts, "peak_rss_mb": peak, "setup_s": setup}
-    finally:
-        dist.destroy_process_group()
+                ray.train.report(record)
+        fault_hook(step, rank, world)
+    lap("steps_s")
+    save_final(engine, tokenizer, Path(config["out_dir"]), {"stage": config["name"], "step": step,
+                                                            "history": history})
+    lap("save_s")
+
+    processes = [None] * world
+    dist.all_gather_object(processes, (os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    engine.destroy()  # a served worker keeps running: free the model and optimizer before the next stage
+    return {"history": history, "restarts": restarts, "setup_s": setup,
+            "worker_pids": [pid for pid, _ in processes], "peak_rss_mb": [rss for _, rss in processes]}
 
 
 def init_distributed(train: TrainConfig) -> torch.device:
@@ -162,14 +194,6 @@ def init_distributed(train: TrainConfig) -> torch.device:
                               MASTER_PORT=str(free_port()))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
-
-
-def process_start_time() -> float:
-    """Unix time this process started (Linux: /proc), to time what happens before the train loop runs."""
-    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                if line.startswith("btime"))
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -236,17 +260,29 @@ def reduce_metrics(parts: list[dict], device: torch.device) -> dict:
             for i, k in enumerate(keys)}
 
 
-def report(record: dict, engine, tokenizer, state: dict, with_checkpoint: bool) -> None:
-    """`ray.train.report` from every worker; with a checkpoint, each worker reports the part it wrote."""
+def report(record: dict, engine, tokenizer, state: dict) -> None:
+    """A resumable checkpoint through `ray.train.report`: each worker reports the part it wrote."""
     import ray.train
 
-    if not with_checkpoint:
-        ray.train.report(record)
-        return
     with tempfile.TemporaryDirectory(prefix="aftray-ckpt-") as tmp:
         save_checkpoint(engine, tokenizer, Path(tmp), state)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{record['step']:06d}")
+                         checkpoint_dir_name=f"{state['stage']}_step_{record['step']:06d}")
+
+
+def save_final(engine, tokenizer, out: Path, state: dict) -> None:
+    """The stage's final weights (HF folder, no optimizer state) into `out`, replacing it only when complete.
+    Collective. `out` is on storage the driver sees (the run directory)."""
+    tmp = out.with_name(out.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    save_checkpoint(engine, tokenizer, tmp, state, with_optimizer=False)
+    if dist.get_rank() == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    dist.barrier()
 
 
 def fault_hook(step: int, rank: int, world: int) -> None:

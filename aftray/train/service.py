@@ -1,0 +1,153 @@
+"""A Ray Train run that lives as long as an aftray run and trains one stage per request.
+
+Starting a Ray Train worker group costs ~25-45 s here (controller, placement group, worker processes, process
+group, `import deepspeed`), more than a whole round's optimizer steps on the arith testbed. So, as OpenRLHF and
+veRL keep their actor groups, one `TorchTrainer.fit()` runs in a background thread for the whole run; its
+workers (`aftray.train.worker.serve`) take stages from a `StageInbox` actor:
+
+    driver: service.train(stage, ...) ── inbox.post(job) ──► workers: job(i) ─► run_stage ─► rank 0: finish(i, out)
+            waits on inbox.result(i) ◄──────────────────────────────────────────────────────────────┘
+
+Each stage loads its starting weights from disk and builds a fresh optimizer, as a per-stage trainer would
+(the second `deepspeed.initialize` in a process takes milliseconds), and writes its final weights into
+`<stage_dir>/checkpoint/`; the driver then adds `train_result.json`, which marks the stage finished.
+
+Faults. A worker failure restarts the worker group (`FailureConfig(max_failures)`); the new workers skip the
+stages the inbox has results for and resume the pending one from its latest mid-stage checkpoint (checkpoints
+carry their stage's name; `train.checkpoint_every` > 0), else from its start. A driver that dies takes the
+local cluster with it; re-running resumes from the Ray Train run left under `storage` (Ray Train restores the
+latest checkpoint of a run it finds there), and a stage already finished is not redone.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from aftray.config import LossConfig, TrainConfig
+from aftray.loop.placement import scaling_config_kwargs
+from aftray.train.stage import RESULT_FILE, StageResult, loop_config, stage_configs
+
+log = logging.getLogger("aftray")
+POLL_S = 0.05  # how often the inbox's waiting calls look again: far below a stage's seconds
+
+
+@ray.remote(num_cpus=0)
+class StageInbox:
+    """The stages posted by the driver (index -> job; None = stop) and the results rank 0 sends back."""
+
+    def __init__(self):
+        self.jobs: list[dict | None] = []
+        self.results: dict[int, dict] = {}
+
+    def post(self, job: dict | None) -> int:
+        self.jobs.append(job)
+        return len(self.jobs) - 1
+
+    def first_unfinished(self) -> int:
+        return next((i for i in range(len(self.jobs)) if i not in self.results), len(self.jobs))
+
+    async def job(self, index: int) -> dict | None:
+        while index >= len(self.jobs):
+            await asyncio.sleep(POLL_S)
+        return self.jobs[index]
+
+    def finish(self, index: int, result: dict) -> None:
+        self.results[index] = result
+
+    async def result(self, index: int) -> dict:
+        while index not in self.results:
+            await asyncio.sleep(POLL_S)
+        return self.results[index]
+
+
+class TrainService:
+    """Ray Train workers for many stages. `train(...)` runs one stage (starting the workers on first use);
+    `close()` stops them and removes `storage` (Ray Train's checkpoints). A context manager.
+
+    train: the settings the workers are placed by (num_workers, cpus/gpus per worker, max_failures); every stage
+    must ask for the same placement."""
+
+    def __init__(self, train: TrainConfig, storage: str | Path, placement_strategy: str = "PACK",
+                 keep_state: bool = False):
+        self.storage, self.keep_state = Path(storage).absolute(), keep_state
+        self.scaling = scaling_config_kwargs(train, placement_strategy)
+        self.max_failures = train.max_failures
+        self.cpus_per_worker = train.cpus_per_worker
+        self.inbox = None
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from aftray.train.worker import serve
+
+        self.inbox = StageInbox.remote()
+        trainer = TorchTrainer(
+            serve,
+            train_loop_config={"inbox": self.inbox, "train": {"cpus_per_worker": self.cpus_per_worker}},
+            scaling_config=ScalingConfig(**self.scaling),
+            run_config=RunConfig(name="train", storage_path=str(self.storage),
+                                 failure_config=FailureConfig(max_failures=self.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        )
+        self.thread = threading.Thread(target=self._fit, args=(trainer,), name="aftray-train", daemon=True)
+        self.thread.start()
+
+    def _fit(self, trainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # handed to the driver's thread by `train`
+            self.error = e
+
+    def train(self, stage: str, groups, model_path: str | Path, stage_dir: str | Path, train: TrainConfig,
+              loss: LossConfig, *, trust_remote_code: bool = False) -> StageResult:
+        """Train one stage (see `aftray.train.stage`) from `model_path`; its weights go to <stage_dir>/checkpoint.
+        A finished stage (train_result.json present) is read back, not redone."""
+        final = Path(stage_dir).absolute() / "checkpoint"
+        if (final / RESULT_FILE).is_file():
+            return StageResult.load(final)
+        if scaling_config_kwargs(train, self.scaling["placement_strategy"]) != self.scaling:
+            raise ValueError(f"stage {stage} at {stage_dir}: its workers' placement differs from this service's "
+                             f"({self.scaling}); start a TrainService for it")
+        if self.thread is None:
+            self.start()
+        train, loss = stage_configs(stage, train, loss)
+        # the stage's name tags its mid-stage checkpoints: unique within a run, and the same after a driver restart
+        name = f"{stage}_{Path(stage_dir).name}"
+        start = time.perf_counter()
+        index = ray.get(self.inbox.post.remote(
+            loop_config(stage, name, groups, model_path, train, loss, trust_remote_code, final, on_ray=True)))
+        result = self.inbox.result.remote(index)
+        while not ray.wait([result], timeout=1.0)[0]:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the Ray Train workers stopped before stage {name} finished "
+                                   f"(storage {self.storage})") from self.error
+        out = StageResult.from_loop(final, ray.get(result), time.perf_counter() - start)
+        out.save()
+        return out
+
+    def close(self, finished: bool = True, timeout_s: float = 60.0) -> None:
+        """Let the workers return (fit ends), then drop Ray Train's run folder, unless keep_state or not
+        `finished` (after an error its checkpoints are what a re-run resumes from)."""
+        if self.thread is not None and self.thread.is_alive():
+            self.inbox.post.remote(None)
+            self.thread.join(timeout_s)
+            if self.thread.is_alive():
+                log.warning("train workers did not stop within %.0f s; leaving them to Ray's shutdown", timeout_s)
+        if finished and not self.keep_state:
+            shutil.rmtree(self.storage, ignore_errors=True)
+
+    def __enter__(self) -> TrainService:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(finished=exc_type is None)
+
