@@ -134,6 +134,7 @@ class TrainConfig:
     # VFT stage (offline mode, and the warm-up of a model trained from scratch)
     vft_steps: int = 0
     vft_lr: Optional[float] = None  # default: lr
+    vft_min_lr_ratio: Optional[float] = None  # default: min_lr_ratio (decay the VFT stage further to anneal it)
     vft_questions_per_step: Optional[int] = None  # default: questions_per_step
 
 
@@ -391,6 +392,8 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, "train.lr", "a learning rate > 0", t.lr)
     _check(t.vft_lr is None or t.vft_lr > 0, "train.vft_lr", "a learning rate > 0", t.vft_lr)
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a value in [0, 1]", t.min_lr_ratio)
+    _check(t.vft_min_lr_ratio is None or 0 <= t.vft_min_lr_ratio <= 1, "train.vft_min_lr_ratio",
+           "a value in [0, 1]", t.vft_min_lr_ratio)
     _check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
     _check(t.grad_clip >= 0, "train.grad_clip", "a value >= 0 (0 = off)", t.grad_clip)
     _check(t.questions_per_step >= 1, "train.questions_per_step", "an integer >= 1", t.questions_per_step)

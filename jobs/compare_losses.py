@@ -5,6 +5,11 @@
 
 Writes <out>/comparison.json, comparison.md and plots/, and logs one MLflow parent run with a child run per arm
 and seed. `--results-md docs/results.md` also refreshes the generated part of that page.
+
+A shared hyper-parameter grid (every arm runs at every setting; docs/results.md reports how it was used):
+
+    python jobs/compare_losses.py --arms vft_continued,rft,aft_bc,dpo --seeds 3 --base-seed 0 \
+        --bases runs/compare --grid train.lr=3e-4,1e-3 --grid loss.beta=0.1,0.3 --out runs/grid
 """
 import argparse
 import logging
@@ -25,13 +30,24 @@ def main() -> int:
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--base-per-seed", action="store_true",
                         help="train a VFT base per seed (default: one base shared by all seeds, as in the paper)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="run every arm at each value (repeatable: the cartesian product)")
+    parser.add_argument("--bases", help="folder of the VFT base runs (default: --out), to share them")
+    parser.add_argument("--base-seed", type=int, help="the shared base's seed (default: the first seed)")
     parser.add_argument("--results-md", help="refresh the generated section of this markdown page")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    grid = {}
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            parser.error(f"--grid {item!r}: expected KEY=V1,V2,...")
+        grid[key] = values.split(",")
     result = run_comparison(args.config, args.arms.split(","), [int(s) for s in args.seeds.split(",")], args.out,
-                            args.overrides, shared_base=not args.base_per_seed)
+                            args.overrides, shared_base=not args.base_per_seed, grid=grid,
+                            bases_dir=args.bases, base_seed=args.base_seed)
     if args.results_md:
         update_results_page(result, Path(args.out), Path(args.results_md), " ".join(["python", *sys.argv]))
     return 0

@@ -38,6 +38,29 @@ def test_markdown_table_one_row_per_arm():
     assert "| 25.0 ± 0.0 | -5.0 ± 0.0 |" in rows[2]  # accuracy and Δ vs VFT-continued, in points
 
 
+def test_grid_settings_are_the_cartesian_product():
+    from aftray.loop.compare import grid_settings
+
+    assert grid_settings(None) == [("", [])]
+    settings = grid_settings({"train.lr": ["3e-4", "1e-3"], "loss.beta": ["0.1", "0.3"]})
+    assert [name for name, _ in settings] == ["lr3e-4_beta0.1", "lr3e-4_beta0.3", "lr1e-3_beta0.1", "lr1e-3_beta0.3"]
+    assert settings[1][1] == ["train.lr=3e-4", "loss.beta=0.3"]
+
+
+def test_grid_arms_are_compared_with_the_control_of_their_setting():
+    def run(acc):
+        return {"rounds": [{"round": 0, "accuracy": 0.3}, {"round": 1, "accuracy": acc}]}
+
+    runs = {"vft_continued_a": {0: run(0.4)}, "aft_bc_a": {0: run(0.5)},
+            "vft_continued_b": {0: run(0.2)}, "aft_bc_b": {0: run(0.3)}}
+    controls = {"vft_continued_a": "vft_continued_a", "aft_bc_a": "vft_continued_a",
+                "vft_continued_b": "vft_continued_b", "aft_bc_b": "vft_continued_b"}
+    result = aggregate(runs, 1, controls)
+    for label in ("aft_bc_a", "aft_bc_b"):
+        assert result["arms"][label]["delta_accuracy_vs_vft_continued"]["mean"] == pytest.approx(0.1)
+    assert "delta_accuracy_vs_vft_continued" not in result["arms"]["vft_continued_a"]
+
+
 def test_unknown_arm_is_named(tmp_path):
     with pytest.raises(ValueError, match="aft_xx"):
         run_comparison(PRESET, ["aft_bc", "aft_xx"], [0], tmp_path)

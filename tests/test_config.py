@@ -35,6 +35,7 @@ def test_yaml_file_then_overrides(tmp_path):
     ("rollout.engine=sglang", "rollout.engine: expected one of 'hf', 'vllm'"),
     ("task.data_dir=/nonexistent/dir", "task.data_dir: expected a directory holding gsm8k/train.jsonl"),
     ("train.zero_stage=4", "train.zero_stage"),
+    ("train.vft_min_lr_ratio=2", "train.vft_min_lr_ratio: expected a value in"),
     ("trainlr", "expected key=value"),
 ])
 def test_bad_values_name_the_key(override, message):

@@ -67,6 +67,19 @@ def test_steps_take_every_group_once_per_pass_in_a_seeded_order():
     assert step_groups(groups, 0, 4, seed=1) != stream[:4]
 
 
+def test_vft_stage_takes_the_vft_keys():
+    from aftray.train.stage import stage_configs
+
+    train = TrainConfig(lr=3e-4, min_lr_ratio=1.0, vft_lr=2e-3, vft_min_lr_ratio=0.1, vft_steps=100,
+                        vft_questions_per_step=32, questions_per_step=16)
+    vft, loss = stage_configs("vft", train, LossConfig(name="aft_bc"))
+    assert (vft.lr, vft.min_lr_ratio, vft.steps_per_round, vft.questions_per_step) == (2e-3, 0.1, 100, 32)
+    assert loss.name == "vft"
+    align, loss = stage_configs("align", train, LossConfig(name="aft_bc"))
+    assert (align, loss.name) == (train, "aft_bc")
+    assert stage_configs("vft", TrainConfig(min_lr_ratio=0.5), LossConfig())[0].min_lr_ratio == 0.5
+
+
 def test_groups_from_a_parquet_folder_in_id_order(tmp_path, tiny_model_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

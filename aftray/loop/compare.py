@@ -57,45 +57,62 @@ def _finished(cfg) -> dict | None:
     return summary if len(summary["rounds"]) == cfg.loop.rounds + 1 else None
 
 
+def grid_settings(grid: dict[str, list[str]] | None) -> list[tuple[str, list[str]]]:
+    """The cartesian product of a grid {dotted key: values} as (name, overrides); no grid: one unnamed setting.
+    E.g. {"train.lr": ["3e-4", "1e-3"]} -> [("lr3e-4", ["train.lr=3e-4"]), ("lr1e-3", ["train.lr=1e-3"])]."""
+    settings = [("", [])]
+    for key, values in (grid or {}).items():
+        short = key.rsplit(".", 1)[-1]
+        settings = [(f"{name}_{short}{v}".lstrip("_"), overrides + [f"{key}={v}"])
+                    for name, overrides in settings for v in values]
+    return settings
+
+
 def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_dir: str | Path,
-                   overrides: list[str] | None = None, shared_base: bool = True) -> dict:
+                   overrides: list[str] | None = None, shared_base: bool = True,
+                   grid: dict[str, list[str]] | None = None, bases_dir: str | Path | None = None,
+                   base_seed: int | None = None) -> dict:
+    """Every arm × grid setting × seed, each from its seed's VFT base (kept in `bases_dir`, default `out_dir`;
+    shared bases: the one of `base_seed`, default the first seed). A grid setting's arms are compared with
+    VFT-continued under the same setting; their labels are `<arm>_<setting>` (see `grid_settings`)."""
     out_dir = Path(out_dir).absolute()
+    bases_dir = Path(bases_dir).absolute() if bases_dir else out_dir
     overrides = list(overrides or [])
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"--arms: unknown {unknown}; expected some of {', '.join(ARMS)}")
-    first = load_config(preset, overrides + [f"output_dir={out_dir}"])  # fail fast on a bad preset/override
+    settings = grid_settings(grid)
+    first = load_config(preset, overrides + settings[0][1] + [f"output_dir={out_dir}"])  # fail fast on bad input
     start = time.perf_counter()
-    runs: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    label = {(arm, name): f"{arm}_{name}" if name else arm for name, _ in settings for arm in arms}
+    runs: dict[str, dict[int, dict]] = {label[arm, name]: {} for name, _ in settings for arm in arms}
     bases: dict[int, dict] = {}
     # one set of train workers for every run: their start-up (~35 s here) is paid once, not once per arm
     with (Tracker(first.tracking, out_dir / "parent", out_dir.name, out_dir) as parent,
           TrainService(first.train, out_dir / "train_state", first.cluster.placement_strategy) as trainer):
         parent.log_params({"arms": ",".join(arms), "seeds": ",".join(map(str, seeds)), "preset": str(preset),
-                           "overrides": " ".join(overrides)})
+                           "overrides": " ".join(overrides), "grid": str(grid or {})})
         for seed in seeds:
             # the seed changes the sampling, the data order and the training (and the model init of its own
             # base when bases are not shared); the task stays the same
+            b_seed = seed if not shared_base else seeds[0] if base_seed is None else base_seed
+            base = load_config(preset, overrides + [f"output_dir={bases_dir}", f"seed={b_seed}",
+                                                    f"model.tiny.seed={b_seed}", f"train.seed={b_seed}",
+                                                    f"run_name=base_s{b_seed}", "loop.rounds=0"])
+            bases[b_seed] = _finished(base) or run_loop(base, parent.run_id, trainer)
             seeded = overrides + [f"output_dir={out_dir}", f"seed={seed}", f"train.seed={seed}",
-                                  f"rollout.seed={seed}"]
-            base_seed = seeds[0] if shared_base else seed
-            base = load_config(preset, overrides + [f"output_dir={out_dir}", f"seed={base_seed}",
-                                                    f"model.tiny.seed={base_seed}", f"train.seed={base_seed}",
-                                                    f"run_name=base_s{base_seed}", "loop.rounds=0"])
-            bases[base_seed] = _finished(base) or run_loop(base, parent.run_id, trainer)
-            seeded.append(f"model.tiny.seed={base_seed}")
-            for arm in arms:
-                cfg = load_config(preset, seeded + [f"run_name={arm}_s{seed}", f"loss.name={ARMS[arm]}"])
-                _link_round_zero(base.run_dir, cfg.run_dir)
-                runs[arm][seed] = _finished(cfg) or run_loop(cfg, parent.run_id, trainer)
-        result = aggregate(runs, first.loop.rounds)
+                                  f"rollout.seed={seed}", f"model.tiny.seed={b_seed}"]
+            for name, setting in settings:
+                for arm in arms:
+                    cfg = load_config(preset, seeded + setting + [f"run_name={label[arm, name]}_s{seed}",
+                                                                  f"loss.name={ARMS[arm]}"])
+                    _link_round_zero(base.run_dir, cfg.run_dir)
+                    runs[label[arm, name]][seed] = _finished(cfg) or run_loop(cfg, parent.run_id, trainer)
+        controls = {label[arm, name]: label.get(("vft_continued", name)) for name, _ in settings for arm in arms}
+        result = aggregate(runs, first.loop.rounds, controls)
         result.update(preset=str(preset), overrides=overrides, seeds=seeds, shared_base=shared_base,
-                      wall_time_s=time.perf_counter() - start, versions=_versions(),
-                      # what the runs themselves took, however many invocations (resumes) it needed; an
-                      # arm's round 0 is its base's
-                      runs_time_s=sum(rec["time_round_s"] for s in bases.values() for rec in s["rounds"])
-                      + sum(rec["time_round_s"] for by_seed in runs.values() for s in by_seed.values()
-                            for rec in s["rounds"][1:]))
+                      grid=grid or {}, wall_time_s=time.perf_counter() - start, versions=_versions(),
+                      runs_time_s=runs_time(bases, runs))
         write_json(out_dir / "comparison.json", result)
         (out_dir / "comparison.md").write_text(markdown_table(result))
         for path in plot_comparison(result, out_dir / "plots"):
@@ -108,6 +125,14 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
     return result
 
 
+def runs_time(bases: dict[int, dict], runs: dict[str, dict[int, dict]]) -> float:
+    """Seconds the runs themselves took, however many invocations (resumes) it needed: the bases' rounds and
+    the arms' rounds after round 0 (an arm's round 0 is its base's)."""
+    return (sum(rec["time_round_s"] for s in bases.values() for rec in s["rounds"])
+            + sum(rec["time_round_s"] for by_seed in runs.values() for s in by_seed.values()
+                  for rec in s["rounds"][1:]))
+
+
 def _mean_std(xs: list[float]) -> dict:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not xs:
@@ -115,11 +140,13 @@ def _mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
-def aggregate(runs: dict[str, dict[int, dict]], rounds: int) -> dict:
-    """Mean ± std over seeds per arm and round; paired differences against the VFT-continued control."""
+def aggregate(runs: dict[str, dict[int, dict]], rounds: int, controls: dict[str, str | None] | None = None) -> dict:
+    """Mean ± std over seeds per arm and round; paired differences against each arm's control (default
+    "vft_continued"), seed by seed."""
     out: dict = {"arms": {}}
-    control = runs.get("vft_continued", {})
     for arm, by_seed in runs.items():
+        control_label = (controls or {}).get(arm, "vft_continued")
+        control = runs.get(control_label, {})
         per_round = {}
         for r in range(rounds + 1):
             recs = [s["rounds"][r] for s in by_seed.values() if len(s["rounds"]) > r]
@@ -127,7 +154,7 @@ def aggregate(runs: dict[str, dict[int, dict]], rounds: int) -> dict:
         finals = {seed: s["rounds"][-1] for seed, s in by_seed.items()}
         entry = {"rounds": per_round, "final": per_round[rounds],
                  "per_seed_final_accuracy": {seed: f["accuracy"] for seed, f in finals.items()}}
-        if control and arm != "vft_continued":
+        if control and arm != control_label:
             diffs = [finals[s]["accuracy"] - control[s]["rounds"][-1]["accuracy"] for s in finals if s in control]
             entry["delta_accuracy_vs_vft_continued"] = _mean_std(diffs)
         out["arms"][arm] = entry

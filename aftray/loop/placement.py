@@ -1,7 +1,7 @@
 """Placement: what the config asks of the Ray cluster, and a fast check that the cluster can hold it.
 
-Rollout actors live for the whole run (weights are refreshed in place), and Ray Train workers hold their
-bundles while a round trains, so both groups must fit *at the same time*. Sharing a GPU between the phases is
+Rollout actors live for the whole run (weights are refreshed in place), and so do the Ray Train workers
+(`aftray.train.service`), so both groups must fit *at the same time*. Sharing a GPU between the phases is
 expressed with fractional requests (e.g. `rollout.gpus_per_actor=0.5`, `train.gpus_per_worker=0.5`).
 
 Without this check an impossible request does not fail: Ray keeps the actor or placement group pending and the

@@ -7,6 +7,7 @@
   rounds/<r>/checkpoint/      HF-loadable weights after the round's training
   summary.json                {"run_name", "mode", "loss", "model", "task", "rounds": [...], "final": {...}}
   plots/*.png
+  train_state/                Ray Train's run while the run goes (mid-stage checkpoints); removed at the end
 A round is the unit of resume: `finished_rounds()` lists rounds whose metrics.json exists.
 """
 from __future__ import annotations

@@ -56,7 +56,9 @@ def stage_configs(stage: str, train: TrainConfig, loss: LossConfig) -> tuple[Tra
     if stage == "align":
         return train, loss
     if stage == "vft":
+        min_lr_ratio = train.min_lr_ratio if train.vft_min_lr_ratio is None else train.vft_min_lr_ratio
         return (dataclasses.replace(train, lr=train.vft_lr or train.lr, steps_per_round=train.vft_steps or None,
+                                    min_lr_ratio=min_lr_ratio,
                                     questions_per_step=train.vft_questions_per_step or train.questions_per_step),
                 dataclasses.replace(loss, name="vft", vft_weight=1.0, vft_on_positives=False))
     raise ValueError(f"stage: expected 'vft' or 'align', got {stage!r}")

@@ -176,6 +176,8 @@ def run_stage(config: dict, device: torch.device, resume=None) -> dict:
     processes = [None] * world
     dist.all_gather_object(processes, (os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     engine.destroy()  # a served worker keeps running: free the model and optimizer before the next stage
+    if on_gpu:
+        torch.cuda.empty_cache()  # hand the cached blocks back (a sampler may share this GPU)
     return {"history": history, "restarts": restarts, "setup_s": setup,
             "worker_pids": [pid for pid, _ in processes], "peak_rss_mb": [rss for _, rss in processes]}
 
