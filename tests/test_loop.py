@@ -57,6 +57,12 @@ def test_online_aft_bc_two_rounds(tmp_path, ray_local):
     for r in (1, 2):  # round 1 sampled by the VFT weights (version 0), not the base model (-1)
         samples = read_parquet_rows(cfg.run_dir / "rounds" / str(r) / "samples.parquet")
         assert {row["weights_version"] for row in samples} == {r - 1}
+    # one train worker group for the whole run: the VFT stage and both rounds' stages ran in the same process,
+    # and Ray Train's run folder is gone at the end
+    pids = {r: json.loads((cfg.run_dir / "rounds" / str(r) / "checkpoint" / "train_result.json").read_text())
+            ["metrics"]["worker_pids"] for r in (0, 1, 2)}
+    assert pids[0] == pids[1] == pids[2]
+    assert "train_setup_start_s" in summary["rounds"][2] and not (cfg.run_dir / "train_state").exists()
     # MLflow: one run, every round metric at step = round, the artifacts
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = (cfg.run_dir / "mlflow_run_id").read_text()

@@ -133,7 +133,10 @@ class Run:
                 "train_loss": result.metrics["train_loss"],
                 "train_steps": result.metrics["steps"], "train_tokens_per_s": result.metrics["tokens_per_s"],
                 **{f"train_{k}": v for k, v in result.history[-1].items()
-                   if k in ("pair_acc", "s_pos", "s_neg", "alignment", "constraint", "vft")}}
+                   if k in ("pair_acc", "s_pos", "s_neg", "alignment", "constraint", "vft")},
+                # the stage's own set-up on rank 0 (start_s: request to start; the workers' start-up on a run's
+                # first stage), so that it reaches MLflow with the round
+                **{f"train_setup_{k}": v for k, v in result.metrics["setup_s"].items()}}
 
     def refresh(self, r: int) -> dict:
         seconds = self.pool.refresh(self.weights, version=r)
