@@ -80,6 +80,16 @@ def test_vft_stage_takes_the_vft_keys():
     assert stage_configs("vft", TrainConfig(min_lr_ratio=0.5), LossConfig())[0].min_lr_ratio == 0.5
 
 
+def test_service_refuses_a_stage_placed_differently(tmp_path):
+    """The workers are placed once: a stage asking for other resources is refused (before anything starts)."""
+    from aftray.train.service import TrainService
+
+    service = TrainService(small_train(), tmp_path / "ray")
+    with pytest.raises(ValueError, match="placement differs"):
+        service.train("align", [], "unused", tmp_path / "stage", small_train(num_workers=1), LossConfig())
+    assert service.thread is None
+
+
 def test_groups_from_a_parquet_folder_in_id_order(tmp_path, tiny_model_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
