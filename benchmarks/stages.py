@@ -53,14 +53,13 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from aftray.train.service import TrainService
-    from aftray.train.stage import train_stage
+    from aftray.train.service import TrainService, train_stage
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     model_path = resolve_model_path(ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(
         hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384, max_position_embeddings=256)))
     groups = make_groups(64, k=4, prompt_len=24, cot_len=24, vocab=70)
-    train = TrainConfig(lr=1e-3, warmup_steps=0, steps_per_round=args.steps, questions_per_step=16,
+    train = TrainConfig(lr=1e-3, warmup_steps=0, steps_per_stage=args.steps, questions_per_step=16,
                         micro_batch_questions=8, max_seq_len=128, num_workers=args.workers,
                         zero_stage=args.zero_stage)
     loss = LossConfig(name="aft_bc")

@@ -3,7 +3,7 @@
 CPU (default) runs each arm in a fresh process, so each peak RSS is its own; every process or worker gets
 --threads threads (default 1: on a shared machine, OpenMP threads that wait on a preempted sibling burn CPU):
   plain     a hand-written PyTorch loop in one process (AdamW, clipping, the same micro-batches and loss)
-  ds_local  the aftray loop under DeepSpeed without Ray (`train_local`), one process
+  ds_local  the aftray loop under DeepSpeed without Ray (`train_stage_local`), one process
   ray_1     Ray Train + DeepSpeed, 1 worker
   ray_2     Ray Train + DeepSpeed, 2 workers (same global batch: each does half the micro-batches)
 Two throughputs over steps 2..N (step 1 warms up): tokens/s = tokens / wall time from the end of step 1 to the
@@ -76,9 +76,9 @@ def plain_loop(groups, model_path, train, loss_cfg) -> dict:
     groups = sorted(groups, key=lambda g: g["id"])
     accum = -(-train.questions_per_step // train.micro_batch_questions)
     history = []
-    for step in range(train.steps_per_round):
+    for step in range(train.steps_per_stage):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, train.steps_per_round, train)
+            group["lr"] = lr_at(step, train.steps_per_stage, train)
         mine, tokens, cpu0 = step_groups(groups, step, train.questions_per_step, train.seed), 0, time.process_time()
         for i in range(accum):
             rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
@@ -97,7 +97,8 @@ def plain_loop(groups, model_path, train, loss_cfg) -> dict:
 def run_arm(arm: str, spec: dict) -> dict:
     """One arm, in this process (called in a child process by `main`)."""
     from aftray.config import LossConfig, TrainConfig
-    from aftray.train.stage import train_local, train_stage
+    from aftray.train.service import train_stage
+    from aftray.train.worker import train_stage_local
 
     groups, loss = spec["groups"], LossConfig(name=spec["loss"])
     train = TrainConfig(**spec["train"], cpus_per_worker=spec["threads"])
@@ -105,7 +106,7 @@ def run_arm(arm: str, spec: dict) -> dict:
         if arm == "plain":
             return plain_loop(groups, spec["model_path"], train, loss)
         if arm == "ds_local":
-            result = train_local("align", groups, spec["model_path"], stage_dir, train, loss)
+            result = train_stage_local("align", groups, spec["model_path"], stage_dir, train, loss)
         else:
             import ray
 
@@ -132,7 +133,7 @@ def cpu_benchmark(args) -> dict:
     vocab = len(load_tokenizer(model_path))
     spec = {"model_path": model_path, "loss": "aft_bc", "threads": args.threads,
             "groups": make_groups(args.questions, args.k, args.prompt_len, args.cot_len, vocab),
-            "train": {"lr": 1e-5, "warmup_steps": 1, "steps_per_round": args.steps, "max_seq_len": 512,
+            "train": {"lr": 1e-5, "warmup_steps": 1, "steps_per_stage": args.steps, "max_seq_len": 512,
                       "questions_per_step": args.questions_per_step, "micro_batch_questions": 2, "zero_stage": 2}}
     runs = {arm: [] for arm in args.arms}
     for rep in range(args.repeats):
@@ -170,7 +171,7 @@ def gpu_benchmark(args) -> dict:
 
     from aftray.config import LossConfig, TrainConfig
     from aftray.models import build_tiny_tokenizer, cache_dir
-    from aftray.train.stage import train_local
+    from aftray.train.worker import train_stage_local
 
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                          num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
@@ -184,11 +185,11 @@ def gpu_benchmark(args) -> dict:
         dist.init_process_group("nccl")  # wait for rank 0's save; the train loop reuses this group
         dist.barrier()
     groups = make_groups(args.questions, args.k, args.prompt_len, args.cot_len, config.vocab_size)
-    train = TrainConfig(lr=1e-5, warmup_steps=1, steps_per_round=args.steps, max_seq_len=2048, zero_stage=2,
+    train = TrainConfig(lr=1e-5, warmup_steps=1, steps_per_stage=args.steps, max_seq_len=2048, zero_stage=2,
                         questions_per_step=args.questions_per_step, micro_batch_questions=args.micro_batch_questions,
                         dtype="bf16", packing=True)
     with tempfile.TemporaryDirectory() as stage_dir:
-        result = train_local("align", groups, path, stage_dir, train, LossConfig(name="aft_bc"))
+        result = train_stage_local("align", groups, path, stage_dir, train, LossConfig(name="aft_bc"))
     with torch.device("meta"):
         params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     matmul_params = params - config.vocab_size * config.hidden_size  # the input embedding is a lookup

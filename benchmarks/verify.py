@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aftray.config import TaskConfig, VerifyConfig, default_data_dir
+from aftray.config import TaskConfig, VerifyConfig
 from aftray.tasks import load_task
+from aftray.tasks.base import default_data_dir
 from aftray.verify import verify_group
 
 

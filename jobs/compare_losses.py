@@ -1,4 +1,4 @@
-"""Compare losses on one preset over several seeds, compute-matched (see aftray/loop/compare.py).
+"""Compare losses on one preset over several seeds, compute-matched (see aftray/experiments/compare.py).
 
     python jobs/compare_losses.py --config configs/arith_compare.yaml \
         --arms vft_continued,rft,aft_bc --seeds 0,1,2 --out runs/compare [key=value ...]
@@ -9,7 +9,7 @@ and seed. `--results-md docs/results.md` also refreshes the generated part of th
 A shared hyper-parameter grid (every arm runs at every setting; docs/results.md reports how it was used):
 
     python jobs/compare_losses.py --arms vft_continued,rft,aft_bc,dpo --seeds 3 --base-seed 0 \
-        --bases runs/compare --grid train.lr=3e-4,1e-3 --grid loss.beta=0.1,0.3 --out runs/grid
+        --bases runs/compare --grid train.lr=3e-4,1e-3 --grid loss.bc_margin=0.1,0.3 --out runs/grid
 """
 import argparse
 import logging
@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aftray.loop.compare import ARMS, PAPER_ARMS, run_comparison  # noqa: E402
-from aftray.loop.report import update_results_page  # noqa: E402
+from aftray.experiments.compare import ARMS, PAPER_ARMS, run_comparison  # noqa: E402
+from aftray.experiments.report import update_results_page  # noqa: E402
 
 
 def main() -> int:

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    from aftray.config import default_data_dir
+    from aftray.tasks.base import default_data_dir
 
     path = default_data_dir()
     if not (path / "gsm8k" / "train.jsonl").is_file():

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from aftray.config import ClusterConfig, Config, ConfigError, RolloutConfig, TrainConfig
-from aftray.loop import placement as P
-from aftray.loop.placement import BundleGroup, Node, PlacementError
+from aftray import cluster as P
+from aftray.cluster import BundleGroup, Node, PlacementError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from aftray.loop.compare import aggregate, markdown_table, run_comparison
-from aftray.loop.report import END, START, update_results_page
+from aftray.experiments.compare import aggregate, markdown_table, run_comparison
+from aftray.experiments.report import END, START, update_results_page
 from test_loop import PRESET, SMALL
 
 
@@ -39,12 +39,13 @@ def test_markdown_table_one_row_per_arm():
 
 
 def test_grid_settings_are_the_cartesian_product():
-    from aftray.loop.compare import grid_settings
+    from aftray.experiments.compare import grid_settings
 
     assert grid_settings(None) == [("", [])]
-    settings = grid_settings({"train.lr": ["3e-4", "1e-3"], "loss.beta": ["0.1", "0.3"]})
-    assert [name for name, _ in settings] == ["lr3e-4_beta0.1", "lr3e-4_beta0.3", "lr1e-3_beta0.1", "lr1e-3_beta0.3"]
-    assert settings[1][1] == ["train.lr=3e-4", "loss.beta=0.3"]
+    settings = grid_settings({"train.lr": ["3e-4", "1e-3"], "loss.bc_margin": ["0.1", "0.3"]})
+    assert [name for name, _ in settings] == ["lr3e-4_bc_margin0.1", "lr3e-4_bc_margin0.3", "lr1e-3_bc_margin0.1",
+                                              "lr1e-3_bc_margin0.3"]
+    assert settings[1][1] == ["train.lr=3e-4", "loss.bc_margin=0.3"]
 
 
 def test_grid_arms_are_compared_with_the_control_of_their_setting():

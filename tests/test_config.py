@@ -19,8 +19,8 @@ def test_defaults_and_overrides_are_typed():
 def test_yaml_file_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("run_name: x\ntrain:\n  lr: 3e-5\nloss:\n  name: aft_dc\n")
-    cfg = load_config(path, ["loss.beta=0.5"])
-    assert (cfg.run_name, cfg.train.lr, cfg.loss.name, cfg.loss.beta) == ("x", 3e-5, "aft_dc", 0.5)
+    cfg = load_config(path, ["loss.bc_margin=0.5"])
+    assert (cfg.run_name, cfg.train.lr, cfg.loss.name, cfg.loss.bc_margin) == ("x", 3e-5, "aft_dc", 0.5)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -30,13 +30,15 @@ def test_yaml_file_then_overrides(tmp_path):
     ("rollout.k=2.5", "rollout.k: expected int"),
     ("rollout.k=0", "rollout.k: expected an integer >= 1"),
     ("train.lr=-1e-5", "train.lr: expected a learning rate > 0"),
-    ("loss.beta=-0.1", "loss.beta: expected a boundary margin >= 0"),
+    ("loss.bc_margin=-0.1", "loss.bc_margin: expected a boundary margin >= 0"),
     ("loss.name=nope", "loss.name: expected one of"),
     ("rollout.engine=sglang", "rollout.engine: expected one of 'hf', 'vllm'"),
-    ("task.data_dir=/nonexistent/dir", "task.data_dir: expected a directory holding gsm8k/train.jsonl"),
     ("train.zero_stage=4", "train.zero_stage"),
     ("train.vft_min_lr_ratio=2", "train.vft_min_lr_ratio: expected a value in"),
     ("trainlr", "expected key=value"),
+    ("train.steps_per_round=4", "train.steps_per_round was renamed to train.steps_per_stage"),
+    ("loss.beta=0.1", "loss.beta was renamed to loss.bc_margin"),
+    ("loop.eval_k=4", "loop.eval_k was removed"),
 ])
 def test_bad_values_name_the_key(override, message):
     start = time.monotonic()

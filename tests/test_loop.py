@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from aftray.config import load_config
-from aftray.loop.rundir import ROUND_KEYS, read_summary
+from aftray.run.rundir import ROUND_KEYS, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "arith_cpu.yaml"
 # A small but complete arith run: VFT warm-up, then rounds of rollout -> verify -> train -> refresh -> eval.
 SMALL = ["task.arith.num_train=400", "task.num_test=30", "loop.eval_questions=30", "loop.questions_per_round=16",
-         "train.vft_steps=30", "train.steps_per_round=4", "rollout.k=4", "tracking.experiment=test"]
+         "train.vft_steps=30", "train.steps_per_stage=4", "rollout.k=4", "tracking.experiment=test"]
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_online_aft_bc_two_rounds(tmp_path, ray_local):
     _check_summary(cfg.run_dir, 2, "online")
     assert summary["rounds"][2]["weights_version"] == 2
     # the samplers took each round's weights: round 1 was sampled by version 0, round 2 by version 1
-    from aftray.loop.rundir import read_parquet_rows
+    from aftray.run.rundir import read_parquet_rows
     for r in (1, 2):  # round 1 sampled by the VFT weights (version 0), not the base model (-1)
         samples = read_parquet_rows(cfg.run_dir / "rounds" / str(r) / "samples.parquet")
         assert {row["weights_version"] for row in samples} == {r - 1}

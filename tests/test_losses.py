@@ -39,9 +39,9 @@ def test_alignment_values():
     assert L.alignment(s, pos, "none").item() == pytest.approx(plain)
     assert L.alignment(s, pos, "dc").item() == pytest.approx(plain)  # DC changes gradients, not the value
     # B = -1 - 0.5 = -1.5: 2B - s_p - s_n = -3 + 1 + 2 = 0 for n = -2 and 1 for n = -3
-    assert L.alignment(s, pos, "bc", beta=0.5).item() == pytest.approx(log1p_sum_exp(-1, 0, -2, 1))
+    assert L.alignment(s, pos, "bc", bc_margin=0.5).item() == pytest.approx(log1p_sum_exp(-1, 0, -2, 1))
     # two positives, B = min s_p - 0 = -1.5: pairs (-1, -2) -> -1, 0 and (-1.5, -2) -> -0.5, 0.5
-    assert L.alignment(t(-1, -1.5, -2), b(1, 1, 0), "bc", beta=0.0).item() == pytest.approx(
+    assert L.alignment(t(-1, -1.5, -2), b(1, 1, 0), "bc", bc_margin=0.0).item() == pytest.approx(
         log1p_sum_exp(-1, 0, -0.5, 0.5))
     for labels in (b(1, 1, 1), b(0, 0, 0)):  # no pair: zero, with a (zero) gradient
         s.requires_grad_(True)
@@ -56,7 +56,7 @@ def test_ranked_alignment_values():
     # cut 1: {-1} over {-2, -3}, B = -1; cut 2: {-1, -2} over {-3}, B = -2 (beta = 0)
     cut1 = log1p_sum_exp(-1, 1, -2, 2)
     cut2 = log1p_sum_exp(-2, 0, -1, 1)
-    assert L.ranked_alignment(s, ranks, "bc", beta=0.0).item() == pytest.approx(cut1 + cut2)
+    assert L.ranked_alignment(s, ranks, "bc", bc_margin=0.0).item() == pytest.approx(cut1 + cut2)
     assert L.ranked_alignment(s, ranks, "none").item() == pytest.approx(2 * log1p_sum_exp(-1, -2))
     # two levels (ties) is exactly the binary loss
     for c in L.CONSTRAINTS:
@@ -70,7 +70,7 @@ def test_dpo_values():
     # r = 0.1 * (S - S_ref) = (0.1, -0.1): -log sigmoid(0.2)
     assert L.dpo(logp, ref, pos, beta=0.1).item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.2))))
     # BC on scores (-1, -2), B = -1.5: 2B - s_w - s_l = 0
-    got = L.dpo(logp, ref, pos, 0.1, constraint="bc", boundary_beta=0.5, scores=t(-1, -2))
+    got = L.dpo(logp, ref, pos, 0.1, constraint="bc", bc_margin=0.5, scores=t(-1, -2))
     assert got.item() == pytest.approx(log1p_sum_exp(-0.2, 0))
     # mean over the two (w, l) pairs
     got = L.dpo(t(-10, -9, -12), t(-11, -11, -11), b(1, 1, 0), beta=1.0)
@@ -369,7 +369,7 @@ def test_objectives_run(name):
 
 def test_objective_composition_and_vft_targets():
     batch = _scored(torch.Generator().manual_seed(6))
-    cfg = LossConfig(name="aft_bc", beta=0.2, alignment_weight=0.5, vft_weight=2.0)
+    cfg = LossConfig(name="aft_bc", bc_margin=0.2, alignment_weight=0.5, vft_weight=2.0)
     loss, metrics = L.OBJECTIVES["aft_bc"](cfg, batch)
     s = batch.scores
     per_group = [L.alignment(s[i][m], batch.positive[i][m], "bc", 0.2) for i, m in enumerate(batch.mask)]
@@ -456,7 +456,7 @@ def _train(model, batch, name, steps, lr=3e-3):
 
     model = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    cfg = LossConfig(name=name, beta=0.1)
+    cfg = LossConfig(name=name, bc_margin=0.1)
     history = []
     for _ in range(steps):
         loss, metrics = L.OBJECTIVES[name](cfg, score_groups(model, batch))
@@ -491,3 +491,10 @@ def test_learning_aft_bc_raises_pair_accuracy_and_align_none_collapses_negatives
     # unconstrained: the negatives' scores fall (further every step); BC holds them near the positives
     assert none_last["s_neg"] < bc_first["s_neg"] - 1.0 and none_last["s_neg"] < bc_last["s_neg"] - 1.5
     assert bc_last["s_neg"] > bc_first["s_neg"] - 0.5 and bc_last["s_neg_min"] > bc_last["s_pos"] - 2.0
+
+
+def test_loss_names_are_the_registry():
+    """config.LOSSES (what `loss.name` may be, torch-free) names exactly the objectives implemented here."""
+    from aftray.config import LOSSES
+
+    assert sorted(LOSSES) == sorted(L.OBJECTIVES)

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from aftray.config import ModelConfig, RolloutConfig, TaskConfig, VerifyConfig
+from aftray.loop.pipeline import sample_groups
 from aftray.models import load_model, load_tokenizer, resolve_model_path
 from aftray.rollout import RolloutPool, SamplingParams, derive_seed, make_engine, question_rows
 from aftray.rollout.pool import truncate_prompts
@@ -47,7 +48,7 @@ def groups_by_id(pool, rows, round, answer_kind, verify=None, params=None) -> di
     import ray
 
     verify = verify or VerifyConfig(process="none")
-    out = pool.generate_groups(ray.data.from_items(rows), round, verify, answer_kind, params).take_all()
+    out = sample_groups(pool, ray.data.from_items(rows), round, verify, answer_kind, params).take_all()
     assert len(out) == len({g["id"] for g in out}), "a question came back twice"
     return {g["id"]: g for g in out}
 
@@ -195,7 +196,7 @@ def test_pool_groups(tiny_pool, tiny_rows, task):
 
 def test_pool_monte_carlo_continuations(tiny_pool, tiny_rows, task):
     prefixes = [tiny_rows[0]["prompt"] + "First, ", tiny_rows[1]["prompt"] + "We know"]
-    fn = tiny_pool.continue_fn(round=1)
+    fn = tiny_pool.continuations(round=1)
     conts = fn(prefixes, 3)
     assert [len(c) for c in conts] == [3, 3] and all(isinstance(t, str) for c in conts for t in c)
     assert fn(prefixes, 3) == conts  # seeded by (round, prefix)

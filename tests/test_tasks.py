@@ -14,7 +14,7 @@ from aftray.tasks.arith import cot_for, generate
 from aftray.tasks.base import BadRowsWarning, hub_reachable
 from aftray.tasks.gsm8k import strip_calculator
 from aftray.verify import verify_group
-from aftray.verify.answers import extract_answer, extract_choice, is_correct, stated_letter
+from aftray.tasks.answers import extract_answer, extract_choice, is_correct, stated_letter
 from aftray.verify.process import arith_process_score
 
 FIXTURES = str(Path(__file__).parent / "fixtures")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from aftray.config import TrackingConfig
-from aftray.loop.tracking import Tracker
+from aftray.run.tracking import Tracker
 
 
 def _free_port() -> int:

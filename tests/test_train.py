@@ -13,9 +13,11 @@ import torch
 from aftray.config import LossConfig, TrainConfig
 from aftray.train.worker import lr_at, step_groups
 
-# The fault hook reads this in the Ray workers, which inherit the environment of the Ray started by the tests.
+# Ray Train workers run tests/fault_worker.py first (it reads AFTRAY_TEST_FAULT_FILE); they inherit the environment of the
+# Ray started by the tests.
 FAULT_FILE = Path(tempfile.mkdtemp(prefix="aftray-fault-")) / "fail_at_step"
-os.environ["AFTRAY_TEST_FAULT_FILE"] = str(FAULT_FILE)
+os.environ.update(AFTRAY_WORKER_SETUP=str(Path(__file__).with_name("fault_worker.py")),
+                  AFTRAY_TEST_FAULT_FILE=str(FAULT_FILE))
 
 
 def make_groups(tokenizer, n: int = 8, seed: int = 0) -> list[dict]:
@@ -38,7 +40,7 @@ def make_groups(tokenizer, n: int = 8, seed: int = 0) -> list[dict]:
 
 
 def small_train(**overrides) -> TrainConfig:
-    base = dict(lr=3e-3, warmup_steps=1, steps_per_round=6, questions_per_step=4, micro_batch_questions=1,
+    base = dict(lr=3e-3, warmup_steps=1, steps_per_stage=6, questions_per_step=4, micro_batch_questions=1,
                 max_seq_len=64, num_workers=2, cpus_per_worker=1, max_failures=1)
     return TrainConfig(**{**base, **overrides})
 
@@ -73,7 +75,7 @@ def test_vft_stage_takes_the_vft_keys():
     train = TrainConfig(lr=3e-4, min_lr_ratio=1.0, vft_lr=2e-3, vft_min_lr_ratio=0.1, vft_steps=100,
                         vft_questions_per_step=32, questions_per_step=16)
     vft, loss = stage_configs("vft", train, LossConfig(name="aft_bc"))
-    assert (vft.lr, vft.min_lr_ratio, vft.steps_per_round, vft.questions_per_step) == (2e-3, 0.1, 100, 32)
+    assert (vft.lr, vft.min_lr_ratio, vft.steps_per_stage, vft.questions_per_step) == (2e-3, 0.1, 100, 32)
     assert loss.name == "vft"
     align, loss = stage_configs("align", train, LossConfig(name="aft_bc"))
     assert (align, loss.name) == (train, "aft_bc")
@@ -110,11 +112,12 @@ def test_local_stage_without_ray(tmp_path, tiny_model_path):
     """The same loop in this process (a world of one), VFT stage over one pass: 8 groups / 2 per step; ZeRO-3,
     so the saved weights are gathered from DeepSpeed's partitions."""
     from aftray.models import load_model, load_tokenizer
-    from aftray.train.stage import StageResult, train_local
+    from aftray.train.stage import StageResult
+    from aftray.train.worker import train_stage_local
 
     tokenizer = load_tokenizer(tiny_model_path)
     train = small_train(num_workers=1, questions_per_step=2, micro_batch_questions=2, vft_lr=1e-2, zero_stage=3)
-    result = train_local("vft", make_groups(tokenizer), tiny_model_path, tmp_path, train, LossConfig())
+    result = train_stage_local("vft", make_groups(tokenizer), tiny_model_path, tmp_path, train, LossConfig())
     assert result.metrics["steps"] == 4 and [h["step"] for h in result.history] == [1, 2, 3, 4]
     assert result.history[-1]["vft"] < result.history[0]["vft"]
     assert result.metrics["tokens"] > 0 and result.metrics["tokens_per_s"] > 0
@@ -182,7 +185,7 @@ def test_ray_stage_resumes_after_a_worker_dies(ray_local, tmp_path, tiny_model_p
     with TrainService(train, tmp_path / "ray") as service:
         first = service.train("align", make_groups(tokenizer), tiny_model_path, tmp_path / "a", train,
                               LossConfig(name="aft_bc"))
-        FAULT_FILE.write_text("3")  # rank 1 exits right after step 3; the last checkpoint is step 2
+        FAULT_FILE.write_text("4")  # rank 1 exits instead of reporting step 4's checkpoint: the last is step 2
         second = service.train("align", make_groups(tokenizer), first.checkpoint, tmp_path / "b", train,
                                LossConfig(name="aft_bc"))
     assert not FAULT_FILE.exists()  # the fault fired
@@ -196,7 +199,7 @@ def test_ray_stage_resumes_after_a_worker_dies(ray_local, tmp_path, tiny_model_p
 def test_train_stage_alone(ray_local, tmp_path, tiny_model_path):
     """`train_stage`: one stage on workers of its own, stopped afterwards; a finished stage is not redone."""
     from aftray.models import load_tokenizer
-    from aftray.train.stage import train_stage
+    from aftray.train.service import train_stage
 
     tokenizer = load_tokenizer(tiny_model_path)
     train = small_train(num_workers=1)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from aftray.config import VerifyConfig
 from aftray.verify import (arith_process_score, extract_answer, is_correct, mc_step_values, rank_cots,
                            verify_group)
-from aftray.verify.answers import extract_choice, extract_number, format_number, parse_number
+from aftray.tasks.answers import extract_choice, extract_number, format_number, parse_number
 from aftray.verify.process import check_equation, evaluate, step_checks, step_spans
 
 AQUA = ["32400", "6000", "600", "60000", "10"]

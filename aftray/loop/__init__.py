@@ -1,1 +1,2 @@
-"""The round loop: offline/online rounds, evaluation, run directory, MLflow tracking, placement."""
+"""The round loop: offline/online rounds (rounds.py), per-round evaluation (evaluate.py), and rollout joined with
+verify (pipeline.py)."""

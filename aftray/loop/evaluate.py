@@ -8,14 +8,17 @@ and maj@k from their own rollout.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
+import ray
+
 from aftray.config import Config
-from aftray.loop.metrics import sample_metrics
-from aftray.loop.rundir import RunDir, read_parquet_rows
+from aftray.loop.pipeline import sample_groups
+from aftray.rollout import SamplingParams
+from aftray.run.metrics import sample_metrics
+from aftray.run.rundir import RunDir, read_parquet_rows
 
 log = logging.getLogger("aftray")
 
@@ -31,12 +34,10 @@ class Evaluator:
         return greedy_accuracy(self.pool, self.eval_rows, r, self.cfg, self.answer_kind)
 
     def candidates(self) -> list[dict]:
-        import ray
-
         if not self.candidates_path.exists():
             tmp = self.candidates_path.with_name(self.candidates_path.name + ".tmp")
-            groups = self.pool.generate_groups(ray.data.from_items(self.eval_rows), 0, self.cfg.verify,
-                                               self.answer_kind)
+            groups = sample_groups(self.pool, ray.data.from_items(self.eval_rows), 0, self.cfg.verify,
+                                   self.answer_kind)
             groups.write_parquet(str(tmp))
             tmp.rename(self.candidates_path)
         return read_parquet_rows(self.candidates_path)
@@ -61,17 +62,13 @@ class Evaluator:
         return metrics
 
 
-def greedy_params(cfg: Config):
-    from aftray.rollout import SamplingParams
-
+def greedy_params(cfg: Config) -> SamplingParams:
     return SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.rollout.seed)
 
 
 def greedy_accuracy(pool, rows: list[dict], r: int, cfg: Config, answer_kind: str) -> float:
     """Exact-match accuracy of greedy decoding (one COT per question)."""
-    import ray
-
-    groups = pool.generate_groups(ray.data.from_items(rows), r, cfg.verify, answer_kind, greedy_params(cfg))
+    groups = sample_groups(pool, ray.data.from_items(rows), r, cfg.verify, answer_kind, greedy_params(cfg))
     correct = groups.select_columns(["correct"]).take_all()
     return sum(bool(len(g["correct"]) and g["correct"][0]) for g in correct) / len(correct)
 
@@ -89,44 +86,3 @@ def write_sample_text(groups: list[dict], path: Path, per_label: int) -> None:
                     shown += 1
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) or "(no samples)\n")
-
-
-def _checkpoint_pool(cfg: Config, checkpoint: str):
-    from aftray.loop.rounds import start_ray
-    from aftray.models import load_tokenizer
-    from aftray.rollout import RolloutPool, question_rows
-    from aftray.tasks import load_task
-
-    task = load_task(cfg.task)
-    tokenizer = load_tokenizer(checkpoint, cfg.model.trust_remote_code)
-    rows = question_rows(task.test[:cfg.loop.eval_questions], task, tokenizer)
-    start_ray(cfg)
-    return RolloutPool(cfg.rollout, Path(checkpoint)), rows, task.answer_kind
-
-
-def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:
-    """`aftray eval`: greedy accuracy and, from k samples per question, pass@k / maj@k / assessment accuracy."""
-    import ray
-
-    pool, rows, answer_kind = _checkpoint_pool(cfg, checkpoint)
-    start = time.perf_counter()
-    accuracy = greedy_accuracy(pool, rows, 0, cfg, answer_kind)
-    sampled = pool.generate_groups(ray.data.from_items(rows), 0, cfg.verify, answer_kind).take_all()
-    result = {"checkpoint": checkpoint, "task": cfg.task.name, "num_questions": len(rows), "accuracy": accuracy,
-              **{k: v for k, v in sample_metrics(sampled, cfg.rollout.k).items() if k != "num_questions"},
-              "time_s": time.perf_counter() - start}
-    pool.shutdown()
-    print(json.dumps(result, indent=2))
-    return result
-
-
-def sample_checkpoint(cfg: Config, checkpoint: str, questions: int) -> None:
-    """`aftray sample`: print k COTs for the first few held-out questions with their labels."""
-    import ray
-
-    pool, rows, answer_kind = _checkpoint_pool(cfg, checkpoint)
-    for group in pool.generate_groups(ray.data.from_items(rows[:questions]), 0, cfg.verify, answer_kind).take_all():
-        print(f"=== {group['id']} (gold {group['answer']})\n{group['prompt']}")
-        for cot, lab, proc in zip(group["cots"], group["labels"], group["process"]):
-            print(f"--- {lab} (process {proc:.2f})\n{cot}")
-    pool.shutdown()

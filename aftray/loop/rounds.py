@@ -18,31 +18,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import ray
+
+from aftray.cluster import check_cluster_fits, start_ray
 from aftray.config import Config, flatten, save_config, to_dict
 from aftray.loop.evaluate import Evaluator, write_sample_text
-from aftray.loop.metrics import sample_metrics
-from aftray.loop.plots import plot_run
-from aftray.loop.rundir import RunDir, write_summary
-from aftray.loop.tracking import Tracker
+from aftray.loop.pipeline import sample_groups
+from aftray.models import load_tokenizer, resolve_model_path
+from aftray.rollout import RolloutPool, question_rows
+from aftray.run.metrics import sample_metrics
+from aftray.run.plots import plot_run
+from aftray.run.rundir import RunDir, write_summary
+from aftray.run.tracking import Tracker
+from aftray.tasks import load_task
+from aftray.train.service import TrainService
 
 log = logging.getLogger("aftray")
-
-
-def start_ray(cfg: Config):
-    """Join the cluster named by cluster.address / RAY_ADDRESS (set by `ray job submit`), else start a local one."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:  # more logical CPUs than cores: long-lived rollout actors must not starve Ray Data's tasks
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
-                 dashboard_host="127.0.0.1")
-    return ray
 
 
 def round_questions(rows: list[dict], cfg: Config, r: int) -> list[dict]:
@@ -69,12 +60,6 @@ class Run:
     trainer: train workers to use (a comparison shares one between its runs); else the run starts its own."""
 
     def __init__(self, cfg: Config, trainer=None):
-        from aftray.loop.placement import check_cluster_fits
-        from aftray.models import load_tokenizer, resolve_model_path
-        from aftray.rollout import RolloutPool, question_rows
-        from aftray.tasks import load_task
-        from aftray.train.service import TrainService
-
         self.cfg, self.dir = cfg, RunDir(cfg.run_dir)
         save_config(cfg, self.dir.config_path)
         self.task = load_task(cfg.task)
@@ -109,11 +94,9 @@ class Run:
         out = self.dir.samples_path(r)
         if out.exists():
             return {"time_rollout_s": 0.0, "time_verify_s": 0.0, "rollout_tokens": 0, "reused_samples": 1}
-        import ray
-
         start = time.perf_counter()
         questions = ray.data.from_items(round_questions(self.train_rows, self.cfg, r))
-        groups = self.pool.generate_groups(questions, r, self.cfg.verify, self.task.answer_kind)
+        groups = sample_groups(self.pool, questions, r, self.cfg.verify, self.task.answer_kind)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         groups.write_parquet(str(tmp))  # streamed: generation, verification and writing overlap

@@ -1,7 +1,8 @@
-"""Engine interface: what a rollout engine takes and returns, and the factory that picks one.
+"""Engine interface: what a rollout engine takes and returns.
 
 An engine holds one copy of the policy weights and samples COTs for token-id prompts. The rollout pool
-(`pool.py`) wraps each engine in a long-lived Ray actor; benchmarks and tests also call engines in-process.
+(`pool.py`, which also builds them: `make_engine`) wraps each engine in a long-lived Ray actor; benchmarks and
+tests also call engines in-process.
 Two engines implement it: `hf` (transformers `generate`; CPU default, GPU fallback) and `vllm` (GPU; imported
 only when asked for, so `import aftray.rollout` works without vLLM installed).
 """
@@ -79,15 +80,3 @@ def per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> lis
     if len(params) != n:
         raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
     return list(params)
-
-
-def make_engine(kind: str, model_path: str | Path, cfg: RolloutConfig) -> Engine:
-    if kind == "hf":
-        from aftray.rollout.hf_engine import HFEngine
-
-        return HFEngine(model_path, cfg)
-    if kind == "vllm":
-        from aftray.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_path, cfg)
-    raise ValueError(f"rollout.engine: expected 'hf' or 'vllm', got {kind!r}")

@@ -1,20 +1,12 @@
 """HF engine: transformers `generate` with KV cache; the CPU default and the GPU fallback.
 
-Determinism per (question, round), whichever questions share its batch: every prompt is left-padded to a
-multiple of BUCKET tokens, and questions padded to the same width share one `generate` call. A question's
-padding then depends on its own length alone, and since rows of a batch do not mix, its logits are the same
-bits alone or in any batch (checked on CPU: bit-identical alone, in a batch, and reordered). Padding each
-call to its longest prompt instead would not do: the amount of padding changes the logits in the last bits
-(up to 3e-5 on SmolLM2), enough to flip a sample now and then. Each prompt draws its n samples from its own
-seeded `torch.Generator`. Cost (benchmarks/rollout.py, `determinism_cost`; SmolLM2 on CPU, k = 4, batches of
-3 GSM8K questions): the buckets run at ~0.9x the tokens/s of padding each batch to its longest prompt, where
-one call per question runs at ~0.7x. On a GPU, kernels chosen by batch size can break bit-exactness; there
-the vLLM engine is the path.
-
-Sampling happens in a logits processor (`_Sampler`) and `generate` runs greedy over its one-hot output. That
-gives each prompt its own generator, and it reads the sampled token's log-prob from the raw logits (T = 1) at
-the step it is drawn, instead of keeping `output_logits` ([steps, rows, vocab] floats: 1.6 GB at 32 rows x
-256 steps for SmolLM2's 49k vocabulary).
+A question's COTs must not depend on which questions share its batch (a retried or resumed batch samples the
+same COTs). So prompts are left-padded to a multiple of BUCKET tokens and only prompts of one width share a
+`generate` call: a question's padding then depends on its own length alone, and its logits are the same bits in
+any batch (the amount of padding changes the last bits of the logits, enough to flip a sample now and then).
+Each prompt draws its n samples from its own seeded `torch.Generator` in a logits processor (`_Sampler`), which
+also reads the drawn token's T = 1 log-prob instead of keeping every step's logits. The buckets' cost is in the
+README (Benchmarks). On a GPU, kernels chosen by batch size can break bit-exactness: there vLLM is the path.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Rollout pool: long-lived engine actors behind a Ray Data pipeline, with in-place weight refresh.
 
     questions ─ map_batches(_rollout_batch, num_cpus=0) ─► Router ─► EngineActor 0..N-1 (one model each)
-              ─ map_batches(_verify_batch) ─► group rows (docs/internals.md)
+              ─► question rows + their completions (verify makes group rows of them: aftray.loop.pipeline)
 
 Why not Ray Data's own actor pool: `map_batches(SomeClass, concurrency=N)` starts its actors per dataset
 execution, so every round would load the model again. Here the engine actors are created once and live as
@@ -33,11 +33,10 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from aftray.config import RolloutConfig, VerifyConfig
-from aftray.loop.placement import actor_options
-from aftray.rollout.engine import Completion, SamplingParams, derive_seed, make_engine
+from aftray.cluster import actor_options
+from aftray.config import RolloutConfig
+from aftray.rollout.engine import Engine, SamplingParams, derive_seed
 from aftray.rollout.questions import encode_prompt
-from aftray.verify import verify_group
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +81,19 @@ def truncate_prompts(prompts: list[list[int]], names: list, limit: int, strict: 
         raise ValueError(f"rollout.strict_prompts: {len(long)} prompt(s) longer than "
                          f"rollout.max_prompt_tokens={limit} tokens (first: {long[0]})")
     return [p[-limit:] for p in prompts], len(long)
+
+
+def make_engine(kind: str, model_path: str | Path, cfg: RolloutConfig) -> Engine:
+    # engines import torch/transformers or vLLM (an optional extra): only the process that builds one loads them
+    if kind == "hf":
+        from aftray.rollout.hf_engine import HFEngine
+
+        return HFEngine(model_path, cfg)
+    if kind == "vllm":
+        from aftray.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, cfg)
+    raise ValueError(f"rollout.engine: expected 'hf' or 'vllm', got {kind!r}")
 
 
 class EngineActor:
@@ -192,9 +204,9 @@ class Router:
 
 
 @dataclass
-class ContinueFn:
-    """`continue_fn(prefixes, m) -> m continuations per prefix` for verify.process="mc", run by the pool's
-    engines. Picklable: the Ray Data verify tasks call it."""
+class PoolContinuations:
+    """`continuations(prefixes, m) -> m sampled continuations per prefix`, run by the pool's engines: what
+    verify.process="mc" samples its step values with. Picklable: the Ray Data verify tasks call it."""
     router: Any
     round: int
     params: SamplingParams
@@ -209,15 +221,6 @@ def _rollout_batch(batch: pa.Table, router, round: int, params: SamplingParams) 
     return pa.Table.from_pylist(rows)
 
 
-def _verify_batch(batch: pa.Table, router, round: int, cfg: VerifyConfig, answer_kind: str,
-                  continue_fn: ContinueFn | None) -> pa.Table:
-    start = time.perf_counter()
-    groups = [verify_group(row, [Completion(**c) for c in row["completions"]], cfg, answer_kind, continue_fn)
-              for row in batch.to_pylist()]
-    ray.get(router.add.remote(round, {"time_verify_s": time.perf_counter() - start}))  # in before the rows
-    return pa.Table.from_pylist(groups)
-
-
 class RolloutPool:
     """`cfg.num_actors` engine actors (created here, kept until `shutdown`) and the router before them."""
 
@@ -229,7 +232,8 @@ class RolloutPool:
                                                 max_task_retries=MAX_RESTARTS)
         self._engines = [actor.remote(str(model_path), cfg, version) for _ in range(cfg.num_actors)]
         self._weights = Weights(version)  # also keeps an object-store ref alive while engines may need it
-        self._router = ray.remote(Router).options(num_cpus=0).remote(self._engines, self._weights)
+        # the router actor; callers stream per-round stats into it too (verify's seconds: router.add)
+        self.router = ray.remote(Router).options(num_cpus=0).remote(self._engines, self._weights)
         self.engine_pids()  # wait for the models to load: a bad model path fails here, not mid-round
 
     @property
@@ -239,21 +243,18 @@ class RolloutPool:
     def engine_pids(self) -> list[int]:
         return ray.get([e.pid.remote() for e in self._engines])
 
-    def generate_groups(self, questions: ray.data.Dataset, round: int, verify_cfg: VerifyConfig,
-                        answer_kind: str, params: SamplingParams | None = None) -> ray.data.Dataset:
-        """Group rows for question rows (`question_rows` columns), lazily: nothing runs until the dataset is
-        consumed, and rows stream through (never collected on the driver). `params` defaults to the config's
-        sampling (k, temperature, top-p, max new tokens, seed); its seed is the base of per-question seeds."""
+    def sample(self, questions: ray.data.Dataset, round: int, params: SamplingParams | None = None
+               ) -> ray.data.Dataset:
+        """Question rows (`question_rows` columns) with their `completions` (`Completion` dicts) and
+        `weights_version`, lazily: nothing runs until the dataset is consumed, and rows stream through (never
+        collected on the driver). `params` defaults to the config's sampling (k, temperature, top-p, max new
+        tokens, seed); its seed is the base of per-question seeds."""
         params = params or SamplingParams.from_config(self.cfg)
-        continue_fn = self.continue_fn(round, params) if verify_cfg.process == "mc" else None
         in_flight = 2 * self.cfg.num_actors  # one batch running and one queued per engine
-        rolled = questions.map_batches(
+        return questions.map_batches(
             _rollout_batch, batch_format="pyarrow", batch_size=self.cfg.batch_size, num_cpus=0,
             compute=ray.data.TaskPoolStrategy(size=in_flight),
-            fn_kwargs={"router": self._router, "round": round, "params": params})
-        return rolled.map_batches(_verify_batch, batch_format="pyarrow", fn_kwargs={
-            "router": self._router, "round": round, "cfg": verify_cfg, "answer_kind": answer_kind,
-            "continue_fn": continue_fn})
+            fn_kwargs={"router": self.router, "round": round, "params": params})
 
     def refresh(self, weights: str | Path | dict | ray.ObjectRef, version: int) -> float:
         """New weights into every engine, in place: a checkpoint folder (read by each engine, so on storage
@@ -265,7 +266,7 @@ class RolloutPool:
         else:
             source = [weights if isinstance(weights, ray.ObjectRef) else put_state_dict(weights)]
         self._weights = Weights(version, source)
-        ray.get(self._router.refresh.remote(self._weights))
+        ray.get(self.router.refresh.remote(self._weights))
         seconds = time.perf_counter() - start
         log.info("rollout: weights v%d in %d engine(s) in %.2f s", version, len(self._engines), seconds)
         return seconds
@@ -274,20 +275,20 @@ class RolloutPool:
               ) -> list[float]:
         """Summed T = 1 log-prob of each COT given its prompt, spread over the engines."""
         step = self.cfg.batch_size * self.cfg.k
-        refs = [self._router.call.remote("score", round, prompt_ids[i:i + step], cot_ids[i:i + step])
+        refs = [self.router.call.remote("score", round, prompt_ids[i:i + step], cot_ids[i:i + step])
                 for i in range(0, len(prompt_ids), step)]
         return [s for part in ray.get(refs) for s in part]
 
-    def continue_fn(self, round: int, params: SamplingParams | None = None) -> ContinueFn:
-        return ContinueFn(self._router, round, params or SamplingParams.from_config(self.cfg))
+    def continuations(self, round: int, params: SamplingParams | None = None) -> PoolContinuations:
+        return PoolContinuations(self.router, round, params or SamplingParams.from_config(self.cfg))
 
     def metrics(self, round: int | None) -> dict:
         """Summed over the round's batches: num_batches, num_questions, num_samples, rollout_tokens,
         truncated_prompts, time_engine_s (engine busy time), time_verify_s (verify task time), mc_tokens; and
         time_generate_s (wall time during which some engine generated for the round) with
         rollout_tokens_per_s over it."""
-        return ray.get(self._router.metrics.remote(round))
+        return ray.get(self.router.metrics.remote(round))
 
     def shutdown(self) -> None:
-        for actor in [self._router, *self._engines]:
+        for actor in [self.router, *self._engines]:
             ray.kill(actor)

@@ -1,4 +1,5 @@
-"""Tasks: datasets as `Example` lists with a prompt renderer (`load_task(cfg) -> Task`)."""
+"""Tasks: datasets as `Example` lists with a prompt renderer (`load_task(cfg) -> Task`) and final-answer
+extraction (`answers`)."""
 from __future__ import annotations
 
 from aftray.config import TaskConfig

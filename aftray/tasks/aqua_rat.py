@@ -10,7 +10,7 @@ import re
 
 from aftray.config import TaskConfig
 from aftray.tasks.base import Example, RowError, Task, get_field, load_split
-from aftray.verify.answers import LETTERS
+from aftray.tasks.answers import LETTERS
 
 _OPTION_RE = re.compile(r"\s*([A-E])\s*\)\s*(.*)", re.S)
 

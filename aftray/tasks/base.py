@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
-from aftray.config import TaskConfig, task_data_dir
+from aftray.config import TaskConfig
 from aftray.tasks.prompts import render_prompt
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,12 @@ def build_examples(source: str, rows: Iterable[tuple[int, Any]], parse: Callable
 
 
 # ---------------------------------------------------------------------------------------------- hub or local
+def default_data_dir() -> Path:
+    """Local dataset copies: $AFTRAY_DATA_DIR, else ../shared/data next to the repository."""
+    env = os.environ.get("AFTRAY_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
 @functools.cache
 def hub_reachable(timeout_s: float = 2.0) -> bool:
     """False at once when HF offline mode is set; else a TCP connect to the hub (no hanging retries)."""
@@ -144,7 +150,7 @@ def split_rows(cfg: TaskConfig, hub: tuple[str, Optional[str], str], local: str)
             return f"hub:{name}/{split}", ((i + 1, row) for i, row in enumerate(ds))
         except Exception as e:  # load_dataset raises many types (HTTP, auth, not found); all mean "use local"
             log.warning("could not load %s from the hub (%s); reading the local copy", name, e)
-    path = task_data_dir(cfg) / local
+    path = Path(cfg.data_dir or default_data_dir()) / local
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found and {name} not reachable on the hub "
                                 "(set task.data_dir or AFTRAY_DATA_DIR)")

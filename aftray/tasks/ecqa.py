@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aftray.config import TaskConfig
 from aftray.tasks.base import Example, RowError, Task, get_field, load_split
-from aftray.verify.answers import LETTERS
+from aftray.tasks.answers import LETTERS
 
 
 def parse_row(row: dict, lineno: int, split: str) -> Example:

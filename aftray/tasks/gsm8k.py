@@ -11,7 +11,7 @@ import re
 
 from aftray.config import TaskConfig
 from aftray.tasks.base import Example, RowError, Task, get_field, load_split
-from aftray.verify.answers import format_number, parse_number
+from aftray.tasks.answers import format_number, parse_number
 
 _ANNOTATION_RE = re.compile(r"<<[^<>]*>>")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aftray.verify.answers import LETTERS
+from aftray.tasks.answers import LETTERS
 
 INSTRUCTION = {
     "number": "Solve the problem step by step. End with a last line '#### <number>'.",

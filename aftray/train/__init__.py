@@ -1,5 +1,3 @@
-"""Training: COT scores (`scores`), every loss and the objectives by name (`losses`), and the Ray Train loop.
-
-Kept import-free so that `aftray.config` can read `aftray.train.losses.OBJECTIVES` without pulling in Ray or
-DeepSpeed.
-"""
+"""Training: COT scores (`scores`), every loss and the objectives by name (`losses`), one stage's job and result
+(`stage`), the train loop every worker runs (`worker`) and the Ray Train workers kept for a run (`service`).
+Import-free, so that `aftray.train.losses` loads without Ray or DeepSpeed."""

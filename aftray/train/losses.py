@@ -1,6 +1,6 @@
-"""Every loss of aftray side by side, over COT scores (formulas: ../shared/docs/method.md, cited by section).
+"""Every loss of aftray side by side, over COT scores (formulas: docs/method.md, cited by section).
 
-Notation (method.md "Notation"): for one question's COTs, `S` is the summed log-prob of a COT and `s = S/|c|`
+Notation (docs/method.md §Notation): for one question's COTs, `S` is the summed log-prob of a COT and `s = S/|c|`
 its token-averaged score. Each loss comes twice:
 - a per-group reference function (`alignment`, `ranked_alignment`, `dpo`, `rrhf`, `pro`, `orpo`), one question
   at a time, written as the formula reads: `scores`/`logp` 1-D over the group's COTs, `positive` bool, `ranks`
@@ -16,11 +16,11 @@ inside one log, so `_cuts` factorises those sums (O(K) per cut instead of O(K²)
 
 `OBJECTIVES` maps a config name to `objective(cfg: LossConfig, batch: ScoredBatch) -> (loss, metrics)`:
 `loss = vft_weight * L_VFT + alignment_weight * (the method's per-group term averaged over the groups)`
-(method.md "AFT": L_AFT = L_VFT + λ·L_A*). Groups without pairs add 0 to that mean and are counted. L_VFT is
+(docs/method.md §AFT — constrained alignment: L_AFT = L_VFT + λ·L_A*). Groups without pairs add 0 to that mean and are counted. L_VFT is
 the token mean over the batch's reference COTs (plus the positive samples for `rft` or `vft_on_positives`).
 Both are means over one micro-batch: gradient accumulation should use micro-batches of equal group counts.
 
-The +constraint baselines (method.md "Baselines": "adds the BC term exp(2B − s_p − s_n) to its negatives").
+The +constraint baselines (docs/method.md §Baselines: "adds the BC term exp(2B − s_p − s_n) to its negatives").
 Where the term attaches is our choice (ours); it always uses the token-averaged scores s and a constant B:
 - `dpo_bc`, `orpo_bc`: per (w, l) pair the term joins the pair's own log,
   log(1 + exp(margin) + exp(2B − s_w − s_l)), margin = r_l − r_w (DPO, r = β_dpo(S − S_ref)) or
@@ -36,14 +36,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from aftray.config import LossConfig
+from aftray.config import LossConfig
 
 CONSTRAINTS = ("bc", "dc", "none")
 
@@ -58,22 +55,23 @@ def _log1p_sum_exp(x: Tensor) -> Tensor:
 
 def _terms(margin: Tensor, constraint=None, s_p=None, s_n=None, boundary=None) -> Tensor:
     """Exponents summed inside a pair's log(1 + Σ exp(·)), stacked on a new last dim: the method's own margin
-    and, under BC, the boundary term 2B − s_p − s_n (method.md "AFT": BC; "Baselines": +constraint)."""
+    and, under BC, the boundary term 2B − s_p − s_n (docs/method.md §AFT — constrained alignment: BC;
+    §Baselines: +constraint)."""
     if constraint != "bc":
         return margin.unsqueeze(-1)
     return torch.stack(torch.broadcast_tensors(margin, 2 * boundary - s_p - s_n), dim=-1)
 
 
-def _boundary(s: Tensor, above: Tensor, beta: float) -> Tensor:
-    """BC boundary B = min score over `above` − β, a constant (stop-gradient) (method.md "AFT": BC).
+def _boundary(s: Tensor, above: Tensor, bc_margin: float) -> Tensor:
+    """BC boundary B = min score over `above` − β, a constant (stop-gradient) (docs/method.md §AFT — constrained alignment: BC).
 
     s [G, K], above [G, X, K] -> [G, X]; 0 where `above` is empty (no pair reads it then)."""
     low = s.detach().unsqueeze(1).masked_fill(~above, float("inf")).amin(-1)
-    return torch.where(torch.isinf(low), torch.zeros_like(low), low) - beta
+    return torch.where(torch.isinf(low), torch.zeros_like(low), low) - bc_margin
 
 
 def _log_odds(s: Tensor) -> Tensor:
-    """log(P / (1 − P)) with P = exp(s) (method.md "Baselines": ORPO), in log space: log(1 − e^s) as
+    """log(P / (1 − P)) with P = exp(s) (docs/method.md §Baselines: ORPO), in log space: log(1 − e^s) as
     log(−expm1(s)), accurate near 0 as well as far below. s is capped just under 0 because a COT whose every
     token has probability 1 in fp32 would have infinite odds (padding, s = 0, lands there too)."""
     s = s.clamp(max=-1e-6)
@@ -88,43 +86,43 @@ def _check(constraint, allowed) -> None:
 # ---------------------------------------------------------------------------------------- per-group reference
 def vft(logp: Tensor, num_tokens: Tensor) -> Tensor:
     """L_VFT, the token-mean NLL −Σ log p / Σ |c| over target sequences, given their summed log-probs and
-    lengths (or per-token log-probs with 0/1 counts) (method.md "VFT")."""
+    lengths (or per-token log-probs with 0/1 counts) (docs/method.md §VFT)."""
     return -logp.sum() / num_tokens.sum().clamp(min=1)
 
 
-def alignment(scores: Tensor, positive: Tensor, constraint: str = "bc", beta: float = 0.1) -> Tensor:
-    """AFT alignment term of one question (method.md "AFT — constrained alignment"); 0 without a positive or a
+def alignment(scores: Tensor, positive: Tensor, constraint: str = "bc", bc_margin: float = 0.1) -> Tensor:
+    """AFT alignment term of one question (docs/method.md §AFT — constrained alignment); 0 without a positive or a
     negative. none: L_A = log(1 + Σ_p Σ_n exp(s_n − s_p)); dc: L_DC, the same with sg(s_n);
     bc: L_BC = log(1 + Σ_p Σ_n [exp(s_n − s_p) + exp(2B − s_p − s_n)]), B = min_p s_p − β (stop-gradient)."""
     _check(constraint, CONSTRAINTS)
     s_p, s_n = scores[positive][:, None], scores[~positive][None, :]
     if s_p.numel() == 0 or s_n.numel() == 0:
         return scores.sum() * 0
-    b = s_p.detach().min() - beta
+    b = s_p.detach().min() - bc_margin
     margin = (s_n.detach() if constraint == "dc" else s_n) - s_p  # DC: negatives get no gradient
     return _log1p_sum_exp(_terms(margin, constraint, s_p, s_n, b).flatten())
 
 
-def ranked_alignment(scores: Tensor, ranks: Tensor, constraint: str = "bc", beta: float = 0.1) -> Tensor:
-    """AFT with ranking feedback (method.md, ours): the binary term summed over every cut between rank levels,
+def ranked_alignment(scores: Tensor, ranks: Tensor, constraint: str = "bc", bc_margin: float = 0.1) -> Tensor:
+    """AFT with ranking feedback (docs/method.md §AFT with ranking feedback, ours): the binary term summed over every cut between rank levels,
     the COTs above the cut positive, each cut with its own B = min score above the cut − β."""
     cuts = ranks.unique()[:-1]  # sorted levels; nothing lies below the last one
-    return sum((alignment(scores, ranks <= r, constraint, beta) for r in cuts), scores.sum() * 0)
+    return sum((alignment(scores, ranks <= r, constraint, bc_margin) for r in cuts), scores.sum() * 0)
 
 
-def dpo(logp: Tensor, ref_logp: Tensor, positive: Tensor, beta: float, constraint=None, boundary_beta=None,
+def dpo(logp: Tensor, ref_logp: Tensor, positive: Tensor, beta: float, constraint=None, bc_margin=None,
         scores: Tensor | None = None) -> Tensor:
-    """DPO (method.md "Baselines"): mean over (w ∈ G_P, l ∈ G_N) of
+    """DPO (docs/method.md §Baselines): mean over (w ∈ G_P, l ∈ G_N) of
     −log σ(β[(S_w − S_ref(w)) − (S_l − S_ref(l))]) = log(1 + exp(r_l − r_w)), r = β(S − S_ref), on summed
     log-probs. constraint="bc" (ours, see the module doc) needs the token-averaged `scores`: the pair's log
-    gains exp(2B − s_w − s_l), B = min_w s_w − boundary_beta."""
+    gains exp(2B − s_w − s_l), B = min_w s_w − bc_margin."""
     _check(constraint, (None, "bc"))
     win, lose = positive, ~positive
     if not win.any() or not lose.any():
         return logp.sum() * 0
     r = beta * (logp - ref_logp)
     s_w, s_l = (scores[win][:, None], scores[lose][None, :]) if constraint == "bc" else (None, None)
-    b = s_w.detach().min() - boundary_beta if constraint == "bc" else None
+    b = s_w.detach().min() - bc_margin if constraint == "bc" else None
     return _log1p_sum_exp(_terms(r[lose][None, :] - r[win][:, None], constraint, s_w, s_l, b)).mean()
 
 
@@ -133,45 +131,45 @@ def _sft_on_best(scores: Tensor, ranks: Tensor) -> Tensor:
     return -scores[ranks == ranks.min()].mean()
 
 
-def rrhf(scores: Tensor, ranks: Tensor, constraint=None, boundary_beta=None) -> Tensor:
-    """RRHF (method.md "Baselines"): Σ_{r_i < r_j} max(0, s_j − s_i) + VFT on the best COT (−s of it).
+def rrhf(scores: Tensor, ranks: Tensor, constraint=None, bc_margin=None) -> Tensor:
+    """RRHF (docs/method.md §Baselines): Σ_{r_i < r_j} max(0, s_j − s_i) + VFT on the best COT (−s of it).
     constraint="bc" (ours, see the module doc): each pair adds log(1 + exp(2B_i − s_i − s_j)),
-    B_i = min score of the COTs ranked at or above i − boundary_beta."""
+    B_i = min score of the COTs ranked at or above i − bc_margin."""
     _check(constraint, (None, "bc"))
     above = ranks[:, None] < ranks[None, :]  # [i, j]: i ranked above j
     s_i, s_j = scores[:, None], scores[None, :]
     pair = (s_j - s_i).clamp(min=0)
     if constraint == "bc":
-        b = torch.stack([scores[ranks <= r].min() for r in ranks]).detach() - boundary_beta
+        b = torch.stack([scores[ranks <= r].min() for r in ranks]).detach() - bc_margin
         pair = pair + F.softplus(2 * b[:, None] - s_i - s_j)
     return pair[above].sum() + _sft_on_best(scores, ranks)
 
 
-def pro(scores: Tensor, ranks: Tensor, constraint=None, boundary_beta=None) -> Tensor:
-    """PRO (method.md "Baselines"): −Σ_k log(exp(s_k) / Σ_{i≥k} exp(s_i)) over the COTs sorted best-first,
+def pro(scores: Tensor, ranks: Tensor, constraint=None, bc_margin=None) -> Tensor:
+    """PRO (docs/method.md §Baselines): −Σ_k log(exp(s_k) / Σ_{i≥k} exp(s_i)) over the COTs sorted best-first,
     + VFT on c_1. Written per COT as log(1 + Σ_{j ranked below k} exp(s_j − s_k)): the same sum for strict
     ranks, and tied COTs do not compete with each other. constraint="bc" (ours, see the module doc): each j
-    adds exp(2B_k − s_k − s_j), B_k = min score of the COTs ranked at or above k − boundary_beta."""
+    adds exp(2B_k − s_k − s_j), B_k = min score of the COTs ranked at or above k − bc_margin."""
     _check(constraint, (None, "bc"))
     loss = _sft_on_best(scores, ranks)
     for k in range(len(scores)):
         s_j = scores[ranks > ranks[k]]
-        b = scores[ranks <= ranks[k]].detach().min() - boundary_beta if constraint == "bc" else None
+        b = scores[ranks <= ranks[k]].detach().min() - bc_margin if constraint == "bc" else None
         loss = loss + _log1p_sum_exp(_terms(s_j - scores[k], constraint, scores[k], s_j, b).flatten())
     return loss
 
 
-def orpo(scores: Tensor, positive: Tensor, lam: float, constraint=None, boundary_beta=None) -> Tensor:
-    """ORPO (method.md "Baselines"): mean over (w, l) pairs of L_VFT(w) − λ·log σ(log odds(w) − log odds(l)),
+def orpo(scores: Tensor, positive: Tensor, lam: float, constraint=None, bc_margin=None) -> Tensor:
+    """ORPO (docs/method.md §Baselines): mean over (w, l) pairs of L_VFT(w) − λ·log σ(log odds(w) − log odds(l)),
     with L_VFT(w) = −s_w and odds from P = exp(s). constraint="bc" (ours, see the module doc): the λ-weighted
-    log gains exp(2B − s_w − s_l), B = min_w s_w − boundary_beta."""
+    log gains exp(2B − s_w − s_l), B = min_w s_w − bc_margin."""
     _check(constraint, (None, "bc"))
     win, lose = positive, ~positive
     if not win.any() or not lose.any():
         return scores.sum() * 0
     s_w, s_l = scores[win][:, None], scores[lose][None, :]
     lo = _log_odds(scores)
-    b = s_w.detach().min() - boundary_beta if constraint == "bc" else None
+    b = s_w.detach().min() - bc_margin if constraint == "bc" else None
     odds_term = _log1p_sum_exp(_terms(lo[lose][None, :] - lo[win][:, None], constraint, s_w, s_l, b))
     return (-s_w + lam * odds_term).mean()
 
@@ -216,13 +214,13 @@ def _cuts(s: Tensor, above: Tensor, below: Tensor, constraint: str, boundary) ->
     return per_cut.sum(1), (above.any(-1) & below.any(-1)).any(-1)
 
 
-def batched_alignment(s, mask, positive, constraint="bc", beta=0.1) -> tuple[Tensor, Tensor]:
+def batched_alignment(s, mask, positive, constraint="bc", bc_margin=0.1) -> tuple[Tensor, Tensor]:
     """`alignment` over padded groups: one cut, positives above, negatives below."""
     above, below = (mask & positive)[:, None], (mask & ~positive)[:, None]
-    return _cuts(s, above, below, constraint, _boundary(s, above, beta))
+    return _cuts(s, above, below, constraint, _boundary(s, above, bc_margin))
 
 
-def batched_ranked_alignment(s, mask, ranks, constraint="bc", beta=0.1) -> tuple[Tensor, Tensor]:
+def batched_ranked_alignment(s, mask, ranks, constraint="bc", bc_margin=0.1) -> tuple[Tensor, Tensor]:
     """`ranked_alignment` over padded groups. Cut t (one per COT) puts the COTs ranked at or above r_t above
     it; tied COTs give the same cut, so only the first of each rank level opens one."""
     k = ranks.shape[1]
@@ -230,49 +228,49 @@ def batched_ranked_alignment(s, mask, ranks, constraint="bc", beta=0.1) -> tuple
     earlier_tie = (ranks[:, :, None] == ranks[:, None, :]) & mask[:, None, :] & earlier
     opens = mask & ~earlier_tie.any(-1)
     above = _at_or_above(ranks, mask) & opens[:, :, None]
-    return _cuts(s, above, _ranked_above(ranks, mask), constraint, _boundary(s, above, beta))
+    return _cuts(s, above, _ranked_above(ranks, mask), constraint, _boundary(s, above, bc_margin))
 
 
-def batched_dpo(logp, ref_logp, pairs, beta, constraint=None, boundary_beta=None, scores=None):
+def batched_dpo(logp, ref_logp, pairs, beta, constraint=None, bc_margin=None, scores=None):
     """`dpo` over padded groups; pairs [G, K, K] marks the (w, l) pairs used (see `preference_pairs`)."""
     _check(constraint, (None, "bc"))
     r = beta * (logp - ref_logp.nan_to_num())  # an unknown reference is never in a pair
     s_w, s_l, b = None, None, None
     if constraint == "bc":
         s_w, s_l = scores[:, :, None], scores[:, None, :]
-        b = _boundary(scores, pairs.any(2)[:, None], boundary_beta)[:, :, None]
+        b = _boundary(scores, pairs.any(2)[:, None], bc_margin)[:, :, None]
     return _pair_mean(_log1p_sum_exp(_terms(r[:, None, :] - r[:, :, None], constraint, s_w, s_l, b)), pairs)
 
 
-def batched_rrhf(s, mask, ranks, constraint=None, boundary_beta=None) -> tuple[Tensor, Tensor]:
+def batched_rrhf(s, mask, ranks, constraint=None, bc_margin=None) -> tuple[Tensor, Tensor]:
     """`rrhf` over padded groups."""
     _check(constraint, (None, "bc"))
     pairs = _ranked_above(ranks, mask)
     s_i, s_j = s[:, :, None], s[:, None, :]
     pair = (s_j - s_i).clamp(min=0)
     if constraint == "bc":
-        b = _boundary(s, _at_or_above(ranks, mask), boundary_beta)[:, :, None]
+        b = _boundary(s, _at_or_above(ranks, mask), bc_margin)[:, :, None]
         pair = pair + F.softplus(2 * b - s_i - s_j)
     loss = pair.masked_fill(~pairs, 0).sum((1, 2)) + _batched_sft_on_best(s, mask, ranks)
     return loss, pairs.flatten(1).any(1)
 
 
-def batched_pro(s, mask, ranks, constraint=None, boundary_beta=None) -> tuple[Tensor, Tensor]:
+def batched_pro(s, mask, ranks, constraint=None, bc_margin=None) -> tuple[Tensor, Tensor]:
     """`pro` over padded groups: step k is a cut with c_k alone above and the COTs ranked below it below, its
     boundary taken over the COTs ranked at or above c_k."""
     _check(constraint, (None, "bc"))
     alone = torch.eye(s.shape[1], dtype=torch.bool, device=s.device) & mask[:, :, None]
-    boundary = _boundary(s, _at_or_above(ranks, mask), boundary_beta) if constraint == "bc" else None
+    boundary = _boundary(s, _at_or_above(ranks, mask), bc_margin) if constraint == "bc" else None
     steps, has_pairs = _cuts(s, alone, _ranked_above(ranks, mask), constraint or "none", boundary)
     return steps + _batched_sft_on_best(s, mask, ranks), has_pairs
 
 
-def batched_orpo(s, pairs, lam, constraint=None, boundary_beta=None) -> tuple[Tensor, Tensor]:
+def batched_orpo(s, pairs, lam, constraint=None, bc_margin=None) -> tuple[Tensor, Tensor]:
     """`orpo` over padded groups; pairs [G, K, K] marks the (w, l) pairs used (see `preference_pairs`)."""
     _check(constraint, (None, "bc"))
     s_w, s_l = s[:, :, None], s[:, None, :]
     lo = _log_odds(s)
-    b = _boundary(s, pairs.any(2)[:, None], boundary_beta)[:, :, None] if constraint == "bc" else None
+    b = _boundary(s, pairs.any(2)[:, None], bc_margin)[:, :, None] if constraint == "bc" else None
     odds_term = _log1p_sum_exp(_terms(lo[:, None, :] - lo[:, :, None], constraint, s_w, s_l, b))
     return _pair_mean(-s_w + lam * odds_term, pairs)
 
@@ -303,7 +301,7 @@ class ScoredBatch:
 
     @property
     def scores(self) -> Tensor:
-        """s = S / |c| (method.md "Notation"), 0 at padding."""
+        """s = S / |c| (docs/method.md §Notation), 0 at padding."""
         return self.logp / self.num_tokens.clamp(min=1)
 
     def fp32(self) -> ScoredBatch:
@@ -315,7 +313,7 @@ class ScoredBatch:
 
 def preference_pairs(batch: ScoredBatch, gap: float = 0.0, need_ref: bool = False) -> Tensor:
     """(w, l) pairs for DPO/ORPO [G, K, K]: w positive, l negative, both real; with gap > 0 also
-    process(w) − process(l) ≥ gap (method.md "Process feedback": η; a NaN process score makes no pair);
+    process(w) − process(l) ≥ gap (docs/method.md §Process feedback: η; a NaN process score makes no pair);
     with need_ref both reference log-probs known."""
     ok = batch.mask & torch.isfinite(batch.ref_logp) if need_ref else batch.mask
     pairs = (ok & batch.positive)[:, :, None] & (ok & ~batch.positive)[:, None, :]
@@ -328,18 +326,18 @@ def _method_term(method: str, b: ScoredBatch, cfg: LossConfig, constraint) -> tu
     """Per-group term [G] of `method` and whether each group had a pair [G]."""
     s = b.scores
     if method == "aft":
-        return batched_alignment(s, b.mask, b.positive, constraint, cfg.beta)
+        return batched_alignment(s, b.mask, b.positive, constraint, cfg.bc_margin)
     if method == "aft_rank":
-        return batched_ranked_alignment(s, b.mask, b.ranks, constraint, cfg.beta)
+        return batched_ranked_alignment(s, b.mask, b.ranks, constraint, cfg.bc_margin)
     if method == "dpo":
         pairs = preference_pairs(b, cfg.process_gap, need_ref=True)
-        return batched_dpo(b.logp, b.ref_logp, pairs, cfg.dpo_beta, constraint, cfg.beta, s)
+        return batched_dpo(b.logp, b.ref_logp, pairs, cfg.dpo_beta, constraint, cfg.bc_margin, s)
     if method == "rrhf":
-        return batched_rrhf(s, b.mask, b.ranks, constraint, cfg.beta)
+        return batched_rrhf(s, b.mask, b.ranks, constraint, cfg.bc_margin)
     if method == "pro":
-        return batched_pro(s, b.mask, b.ranks, constraint, cfg.beta)
+        return batched_pro(s, b.mask, b.ranks, constraint, cfg.bc_margin)
     if method == "orpo":
-        return batched_orpo(s, preference_pairs(b, cfg.process_gap), cfg.orpo_lambda, constraint, cfg.beta)
+        return batched_orpo(s, preference_pairs(b, cfg.process_gap), cfg.orpo_lambda, constraint, cfg.bc_margin)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -389,7 +387,7 @@ def objective(cfg: LossConfig, batch: ScoredBatch, method: str | None = None, co
 
 OBJECTIVES = {
     "vft": objective,
-    "rft": partial(objective, vft_on_positives=True),  # method.md "Baselines": RFT
+    "rft": partial(objective, vft_on_positives=True),  # docs/method.md §Baselines: RFT
     "aft_dc": partial(objective, method="aft", constraint="dc"),
     "aft_bc": partial(objective, method="aft", constraint="bc"),
     "align_none": partial(objective, method="aft", constraint="none"),  # unconstrained L_A: it degrades

@@ -1,4 +1,4 @@
-"""COT scores from one forward pass (method.md "Notation": S(c) = Σ_j log p(c_j | q, c_<j), s = S / |c|).
+"""COT scores from one forward pass (docs/method.md §Notation: S(c) = Σ_j log p(c_j | q, c_<j), s = S / |c|).
 
 `collate_groups` turns group rows (docs/internals.md "Group row") into one micro-batch that keeps whole
 question groups together: each group contributes its reference COT (the VFT target) and its sampled COTs, each

@@ -1,22 +1,16 @@
 """A Ray Train run that lives as long as an aftray run and trains one stage per request.
 
-Starting a Ray Train worker group costs ~25-45 s here (controller, placement group, worker processes, process
-group, `import deepspeed`), more than a whole round's optimizer steps on the arith testbed. So, as OpenRLHF and
-veRL keep their actor groups, one `TorchTrainer.fit()` runs in a background thread for the whole run; its
-workers (`aftray.train.worker.serve`) take stages from a `StageInbox` actor:
+Starting a Ray Train worker group (controller, placement group, processes, process group, `import deepspeed`)
+costs more than a round's optimizer steps on the arith testbed (README, Benchmarks). So, as OpenRLHF and veRL
+keep their actor groups, one `TorchTrainer.fit()` runs in a background thread for the whole run, and its
+workers (`aftray.train.worker.serve`) take `StageJob`s from a `StageInbox` actor:
 
-    driver: service.train(stage, ...) ── inbox.post(job) ──► workers: job(i) ─► run_stage ─► rank 0: finish(i, out)
-            waits on inbox.result(i) ◄──────────────────────────────────────────────────────────────┘
+    driver: service.train(...) ── inbox.post(job) ──► workers: job(i) ─► run_stage ─► rank 0: finish(i, out)
+            waits on inbox.result(i) ◄─────────────────────────────────────────────────────┘
 
-Each stage loads its starting weights from disk and builds a fresh optimizer, as a per-stage trainer would
-(the second `deepspeed.initialize` in a process takes milliseconds), and writes its final weights into
-`<stage_dir>/checkpoint/`; the driver then adds `train_result.json`, which marks the stage finished.
-
-Faults. A worker failure restarts the worker group (`FailureConfig(max_failures)`); the new workers skip the
-stages the inbox has results for and resume the pending one from its latest mid-stage checkpoint (checkpoints
-carry their stage's name; `train.checkpoint_every` > 0), else from its start. A driver that dies takes the
-local cluster with it; re-running resumes from the Ray Train run left under `storage` (Ray Train restores the
-latest checkpoint of a run it finds there), and a stage already finished is not redone.
+A failed worker restarts the group (`max_failures`): it skips the finished stages and resumes the pending one
+from its last mid-stage checkpoint. A re-run after a driver crash resumes from the Ray Train run left under
+`storage`; a stage whose `<stage_dir>/checkpoint/train_result.json` exists is not redone.
 """
 from __future__ import annotations
 
@@ -28,10 +22,13 @@ import time
 from pathlib import Path
 
 import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
+from aftray.cluster import scaling_config_kwargs
 from aftray.config import LossConfig, TrainConfig
-from aftray.loop.placement import scaling_config_kwargs
-from aftray.train.stage import RESULT_FILE, StageResult, loop_config, stage_configs
+from aftray.train.stage import RESULT_FILE, StageJob, StageResult
+from aftray.train.worker import serve
 
 log = logging.getLogger("aftray")
 POLL_S = 0.05  # how often the inbox's waiting calls look again: far below a stage's seconds
@@ -42,17 +39,17 @@ class StageInbox:
     """The stages posted by the driver (index -> job; None = stop) and the results rank 0 sends back."""
 
     def __init__(self):
-        self.jobs: list[dict | None] = []
+        self.jobs: list[StageJob | None] = []
         self.results: dict[int, dict] = {}
 
-    def post(self, job: dict | None) -> int:
+    def post(self, job: StageJob | None) -> int:
         self.jobs.append(job)
         return len(self.jobs) - 1
 
     def first_unfinished(self) -> int:
         return next((i for i in range(len(self.jobs)) if i not in self.results), len(self.jobs))
 
-    async def job(self, index: int) -> dict | None:
+    async def job(self, index: int) -> StageJob | None:
         while index >= len(self.jobs):
             await asyncio.sleep(POLL_S)
         return self.jobs[index]
@@ -84,15 +81,10 @@ class TrainService:
         self.error: BaseException | None = None
 
     def start(self) -> None:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        from aftray.train.worker import serve
-
         self.inbox = StageInbox.remote()
         trainer = TorchTrainer(
             serve,
-            train_loop_config={"inbox": self.inbox, "train": {"cpus_per_worker": self.cpus_per_worker}},
+            train_loop_config={"inbox": self.inbox, "cpus_per_worker": self.cpus_per_worker},
             scaling_config=ScalingConfig(**self.scaling),
             run_config=RunConfig(name="train", storage_path=str(self.storage),
                                  failure_config=FailureConfig(max_failures=self.max_failures),
@@ -119,16 +111,14 @@ class TrainService:
                              f"({self.scaling}); start a TrainService for it")
         if self.thread is None:
             self.start()
-        train, loss = stage_configs(stage, train, loss)
-        # the stage's name tags its mid-stage checkpoints: unique within a run, and the same after a driver restart
-        name = f"{stage}_{Path(stage_dir).name}"
+        job = StageJob.create(stage, f"{stage}_{Path(stage_dir).name}", groups, model_path, stage_dir, train, loss,
+                              trust_remote_code, on_ray=True)
         start = time.perf_counter()
-        index = ray.get(self.inbox.post.remote(
-            loop_config(stage, name, groups, model_path, train, loss, trust_remote_code, final, on_ray=True)))
+        index = ray.get(self.inbox.post.remote(job))
         result = self.inbox.result.remote(index)
         while not ray.wait([result], timeout=1.0)[0]:
             if not self.thread.is_alive():
-                raise RuntimeError(f"the Ray Train workers stopped before stage {name} finished "
+                raise RuntimeError(f"the Ray Train workers stopped before stage {job.name} finished "
                                    f"(storage {self.storage})") from self.error
         out = StageResult.from_loop(final, ray.get(result), time.perf_counter() - start)
         out.save()
@@ -151,3 +141,16 @@ class TrainService:
     def __exit__(self, exc_type, *_) -> None:
         self.close(finished=exc_type is None)
 
+
+def train_stage(stage: str, groups, model_path: str | Path, stage_dir: str | Path, train: TrainConfig,
+                loss: LossConfig, *, trust_remote_code: bool = False, placement_strategy: str = "PACK",
+                keep_state: bool = False) -> StageResult:
+    """Train one stage on Ray Train workers of its own (Ray must be initialised); see `TrainService.train`.
+    Ray Train's run (mid-stage checkpoints) is kept in `<stage_dir>/ray/` until the stage has finished.
+
+    groups: a parquet path on storage every worker's node sees (the loop's run directory), or a list of rows
+    (shipped with the job). Every worker reads all rows itself (they are token ids, small next to the model): a
+    Ray Data shard would cost seconds of dataset start-up per stage and give nothing, as every worker needs
+    the whole, identically ordered list anyway. model_path: the weights the stage starts from."""
+    with TrainService(train, Path(stage_dir).absolute() / "ray", placement_strategy, keep_state) as service:
+        return service.train(stage, groups, model_path, stage_dir, train, loss, trust_remote_code=trust_remote_code)

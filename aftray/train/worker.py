@@ -1,7 +1,7 @@
 """The train loop of one stage, run by every worker: a Ray Train worker, a torchrun rank, or a lone process.
 
 Under Ray, `serve` keeps a worker alive for the whole run and runs one stage per request (see
-`aftray.train.service`); without Ray, `train_loop` runs one stage. A stage (`run_stage`), top to bottom: the
+`aftray.train.service`); without Ray, `train_stage_local` runs one. A stage (`run_stage`), top to bottom: the
 stage's group rows, in one order on every worker -> model under DeepSpeed (fresh from the stage's starting
 weights, fresh optimizer) -> resume -> optimizer steps (LR, micro-batches of whole question groups, loss from
 `OBJECTIVES`, `engine.step`) -> metrics -> mid-stage checkpoints through `ray.train.report` (Ray only) -> the
@@ -26,6 +26,7 @@ import math
 import os
 import random
 import resource
+import runpy
 import shutil
 import socket
 import tempfile
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from aftray.config import LossConfig, TrainConfig
 from aftray.models import load_model, load_tokenizer
 from aftray.train.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
+from aftray.train.stage import StageJob, StageResult
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config
 from aftray.train.losses import OBJECTIVES, sequences_needed
 from aftray.train.scores import collate_groups, score_groups
@@ -49,24 +51,37 @@ SUMMED = ("groups", "groups_no_pairs", "groups_with_both", "tokens", "truncated"
 WEIGHTED_BY = {"pair_acc": "groups_with_both"}  # means over groups, pair accuracy over groups that have pairs
 
 
-def train_loop(config: dict) -> dict:
-    """One stage in this process, without Ray: alone, or as one rank of `torchrun`. config: see `run_stage`."""
-    device = init_distributed(TrainConfig(**config["train"]))
+def train_stage_local(stage: str, groups: list[dict] | str | Path, model_path: str | Path, stage_dir: str | Path,
+                      train: TrainConfig, loss: LossConfig, *, trust_remote_code: bool = False) -> StageResult:
+    """One stage without Ray, in this process: alone, or as one rank of `torchrun` (env-var rendezvous:
+    MASTER_ADDR/PORT, RANK, WORLD_SIZE). groups: a list of rows or a parquet path, read by every rank.
+    No mid-stage checkpoints; the final weights go to `<stage_dir>/checkpoint`."""
+    job = StageJob.create(stage, stage, groups, model_path, stage_dir, train, loss, trust_remote_code)
+    start = time.perf_counter()
+    device = init_distributed(job.train.cpus_per_worker)
     try:
-        return run_stage(config, device)
+        out = run_stage(job, device)
     finally:
         dist.destroy_process_group()
+    result = StageResult.from_loop(Path(job.out_dir), out, time.perf_counter() - start)
+    if int(os.environ["RANK"]) == 0:
+        result.save()
+    return result
 
 
 def serve(config: dict) -> None:
-    """Ray Train's function on every worker of a `TrainService`: train each stage the driver posts to the inbox
-    (config["inbox"], a `StageInbox` actor), in order, until it posts None. The worker process, its process
+    """Ray Train's function on every worker of a `TrainService`: train each `StageJob` the driver posts to the
+    inbox (config["inbox"], a `StageInbox` actor), in order, until it posts None. The worker process, its process
     group and `import deepspeed` are paid once per run; each stage loads its starting weights afresh (a
-    restarted worker group skips the stages finished before and resumes the pending one from its checkpoint)."""
-    import ray
+    restarted worker group skips the stages finished before and resumes the pending one from its checkpoint).
+
+    $AFTRAY_WORKER_SETUP names a Python file each worker runs first (tests inject worker faults with it)."""
+    import ray  # Ray workers only: the path without Ray (`train_stage_local`, torchrun) never imports it
     import ray.train
 
-    device = init_distributed(TrainConfig(**config["train"]))
+    if os.environ.get("AFTRAY_WORKER_SETUP"):
+        runpy.run_path(os.environ["AFTRAY_WORKER_SETUP"])
+    device = init_distributed(config["cpus_per_worker"])
     inbox = config["inbox"]
     resume = ray.train.get_checkpoint()  # the latest checkpoint of this run (any stage); None on a fresh start
     index = ray.get(inbox.first_unfinished.remote())
@@ -80,36 +95,34 @@ def serve(config: dict) -> None:
         dist.destroy_process_group()
 
 
-def run_stage(config: dict, device: torch.device, resume=None) -> dict:
-    """One stage on this worker (the process group is up). config: stage, name, model_path, trust_remote_code,
-    train, loss (dicts of the config sections), groups (a list of rows or a parquet path), out_dir (where the
-    final weights go), posted_at (Unix time the driver asked for the stage), on_ray. resume: a Ray checkpoint,
-    used if it belongs to this stage. Returns {"history": per-step records, "restarts": steps resumed from,
+def run_stage(job: StageJob, device: torch.device, resume=None) -> dict:
+    """One stage on this worker (the process group is up). resume: a Ray checkpoint, used if it belongs to this
+    stage. Returns {"history": per-step records, "restarts": steps resumed from,
     "setup_s": seconds of each phase, "worker_pids" and "peak_rss_mb": per rank}."""
     # start_s: from the driver's request to this worker starting the stage: a worker group's start-up on the
     # first stage (processes, imports, process group), ~0 for the stages after it
-    setup = {"start_s": max(0.0, time.time() - config["posted_at"])}
+    setup = {"start_s": max(0.0, time.time() - job.posted_at)}
     mark = time.perf_counter()
 
     def lap(name: str) -> None:
         nonlocal mark
         setup[name], mark = time.perf_counter() - mark, time.perf_counter()
 
-    import deepspeed  # seconds on a worker's first stage
+    import deepspeed  # seconds on a worker's first stage; a served worker pays it once
 
     lap("import_s")
-    train, loss_cfg = TrainConfig(**config["train"]), LossConfig(**config["loss"])
+    train, loss_cfg = job.train, job.loss
     rank, world = dist.get_rank(), dist.get_world_size()
-    groups = load_groups(config["groups"])
+    groups = load_groups(job.groups)
     lap("load_groups_s")
     if not groups:
-        raise ValueError(f"stage {config['stage']}: no group rows to train on")
+        raise ValueError(f"stage {job.stage}: no group rows to train on")
     per_step = -(-train.questions_per_step // world) * world
     accum = -(-(per_step // world) // train.micro_batch_questions)
-    total_steps = train.steps_per_round or -(-len(groups) // per_step)
+    total_steps = train.steps_per_stage or -(-len(groups) // per_step)
 
-    tokenizer = load_tokenizer(config["model_path"], config["trust_remote_code"])
-    model = load_model(config["model_path"], train.dtype, config["trust_remote_code"])
+    tokenizer = load_tokenizer(job.model_path, job.trust_remote_code)
+    model = load_model(job.model_path, train.dtype, job.trust_remote_code)
     on_gpu = device.type == "cuda"
     offload = on_gpu and train.offload_optimizer  # then DeepSpeed's CPU Adam steps on the host
     optimizer = None if offload else torch.optim.AdamW(
@@ -121,7 +134,7 @@ def run_stage(config: dict, device: torch.device, resume=None) -> dict:
     step, history, restarts = 0, [], []
     if resume is not None:
         with resume.as_directory() as path:
-            if checkpoint_state(Path(path)).get("stage") == config["name"]:
+            if checkpoint_state(Path(path)).get("stage") == job.name:
                 state = load_checkpoint(engine, Path(path))
                 step, history, restarts = state["step"], state["history"], state["restarts"] + [state["step"]]
     lap("resume_s")
@@ -159,18 +172,16 @@ def run_stage(config: dict, device: torch.device, resume=None) -> dict:
         history.append(record)
 
         every = train.checkpoint_every
-        if step < total_steps and config["on_ray"]:  # the same steps on every rank
+        if step < total_steps and job.on_ray:  # the same steps on every rank
             if every > 0 and step % every == 0:
-                report(record, engine, tokenizer, {"stage": config["name"], "step": step, "history": history,
+                report(record, engine, tokenizer, {"stage": job.name, "step": step, "history": history,
                                                    "restarts": restarts})
             elif step % train.report_every == 0:
-                import ray.train
+                import ray.train  # on Ray only (see `serve`)
 
                 ray.train.report(record)
-        fault_hook(step, rank, world)
     lap("steps_s")
-    save_final(engine, tokenizer, Path(config["out_dir"]), {"stage": config["name"], "step": step,
-                                                            "history": history})
+    save_final(engine, tokenizer, Path(job.out_dir), {"stage": job.name, "step": step, "history": history})
     lap("save_s")
 
     processes = [None] * world
@@ -182,14 +193,14 @@ def run_stage(config: dict, device: torch.device, resume=None) -> dict:
             "worker_pids": [pid for pid, _ in processes], "peak_rss_mb": [rss for _, rss in processes]}
 
 
-def init_distributed(train: TrainConfig) -> torch.device:
+def init_distributed(cpus: float) -> torch.device:
     """Join (Ray Train already set it up) or create the process group; pick this worker's device."""
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, int(train.cpus_per_worker)))  # as many threads as the CPUs it was given
+        torch.set_num_threads(max(1, int(cpus)))  # as many threads as the CPUs it was given
     if not dist.is_initialized():  # torchrun's env vars, or a world of one on a free port
         if "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -285,15 +296,3 @@ def save_final(engine, tokenizer, out: Path, state: dict) -> None:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     dist.barrier()
-
-
-def fault_hook(step: int, rank: int, world: int) -> None:
-    """Test hook for worker failures: when the file $AFTRAY_TEST_FAULT_FILE exists and holds this step, the last
-    rank deletes it (so it fires once) and dies without cleanup, as a crashed worker would. It waits first: Ray
-    Train's controller collects reports by polling the workers (every 2 s), and a checkpoint whose reports it has
-    not collected yet is lost with the worker."""
-    path = os.environ.get("AFTRAY_TEST_FAULT_FILE")
-    if path and rank == world - 1 and os.path.isfile(path) and Path(path).read_text().strip() == str(step):
-        os.remove(path)
-        time.sleep(6)
-        os._exit(1)

@@ -1,5 +1,5 @@
-"""Verifier: final answers, labels, dedup, process scores and ranks of sampled COTs."""
-from aftray.verify.answers import extract_answer, is_correct
+"""Verifier: labels (final answers by `aftray.tasks.answers`), dedup, process scores and ranks of sampled COTs."""
+from aftray.tasks.answers import extract_answer, is_correct
 from aftray.verify.group import verify_group
 from aftray.verify.process import arith_process_score, mc_step_values
 from aftray.verify.rank import rank_cots

@@ -5,8 +5,8 @@ import math
 from typing import Any, Optional
 
 from aftray.config import VerifyConfig
-from aftray.verify.answers import extract_answer, is_correct
-from aftray.verify.process import ContinueFn, arith_process_score, mc_step_values
+from aftray.tasks.answers import extract_answer, is_correct
+from aftray.verify.process import SampleContinuations, arith_process_score, mc_step_values
 from aftray.verify.rank import rank_cots
 
 # Copied through from the rollout row unchanged.
@@ -27,7 +27,7 @@ def label(pred: str, gold: str, finish_reason: str, answer_kind: str) -> str:
 
 
 def verify_group(row: dict, completions: list, cfg: VerifyConfig, answer_kind: str,
-                 continue_fn: Optional[ContinueFn] = None) -> dict[str, Any]:
+                 continue_fn: Optional[SampleContinuations] = None) -> dict[str, Any]:
     """Group row for one question.
 
     `row` holds the PASS_THROUGH columns, `weights_version` (and `choices` for multiple choice);

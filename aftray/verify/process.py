@@ -22,7 +22,7 @@ import re
 from fractions import Fraction
 from typing import Callable, Optional
 
-from aftray.verify.answers import extract_answer, is_correct
+from aftray.tasks.answers import extract_answer, is_correct
 
 MAX_CHARS = 16_384  # only the first MAX_CHARS characters of a COT are step-checked
 _ANNOTATION_RE = re.compile(r"<<([^<>]{1,200})>>")
@@ -179,11 +179,12 @@ def arith_process_score(cot) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- Monte Carlo
-ContinueFn = Callable[[list[str], int], list[list[str]]]
+# continue_fn(prefixes, m) -> m sampled continuations per prefix (the rollout pool's: PoolContinuations)
+SampleContinuations = Callable[[list[str], int], list[list[str]]]
 
 
-def mc_step_values(prompt: str, cots: list[str], gold: str, answer_kind: str, continue_fn: ContinueFn,
-                   m: int, choices: Optional[list[str]] = None,
+def mc_step_values(prompt: str, cots: list[str], gold: str, answer_kind: str,
+                   continue_fn: SampleContinuations, m: int, choices: Optional[list[str]] = None,
                    last_number_fallback: bool = True) -> list[list[float]]:
     """Step values of each COT from M sampled continuations per step prefix (one batched `continue_fn` call).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from aftray.loop.compare import markdown_table
+from aftray.experiments.compare import markdown_table
 
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 

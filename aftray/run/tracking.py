@@ -119,10 +119,6 @@ class Tracker:
         if Path(path).exists():
             self._call("log_artifact", str(path), artifact_path)
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self._call("set_tag", k, v)
-
     def finish(self, status: str = "FINISHED") -> None:
         self._call("set_terminated", status)
 

@@ -1,4 +1,5 @@
-"""Placement: what the config asks of the Ray cluster, and a fast check that the cluster can hold it.
+"""The Ray cluster: starting or joining it (`start_ray`), what the config asks of it, and a fast check that it
+can hold that.
 
 Rollout actors live for the whole run (weights are refreshed in place), and so do the Ray Train workers
 (`aftray.train.service`), so both groups must fit *at the same time*. Sharing a GPU between the phases is
@@ -42,6 +43,21 @@ class BundleGroup:
     count: int
     bundle: dict[str, float]
     strategy: str = "PACK"
+
+
+def start_ray(cfg: Config):
+    """Join the cluster named by cluster.address / RAY_ADDRESS (set by `ray job submit`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # more logical CPUs than cores: long-lived rollout actors must not starve Ray Data's tasks
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
+                 dashboard_host="127.0.0.1")
+    return ray
 
 
 # ---------------------------------------------------------------------------------------------- Ray options
@@ -307,5 +323,6 @@ __all__ = [
     "find_misfit",
     "required_resources",
     "scaling_config_kwargs",
+    "start_ray",
     "worker_resources",
 ]

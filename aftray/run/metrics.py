@@ -1,4 +1,4 @@
-"""Round metrics from verified groups (method.md, "Metrics"). Pure functions over group rows.
+"""Round metrics from verified groups (docs/method.md §Metrics). Pure functions over group rows.
 
 A group row carries, per de-duplicated COT: `correct`, `pred`, `counts` (multiplicity before dedup) and a score
 (`sample_logp` / token count, or a re-scored value). All functions accept plain lists so they run on parquet
@@ -34,7 +34,7 @@ def majority_correct(preds: Sequence[str], correct: Sequence[bool], counts: Sequ
 
 
 def pair_accuracy(scores: Sequence[float], correct: Sequence[bool]) -> float | None:
-    """Fraction of (positive, negative) pairs with s_p > s_n; None without both kinds (method.md)."""
+    """Fraction of (positive, negative) pairs with s_p > s_n; None without both kinds (docs/method.md §Metrics)."""
     pos = [s for s, ok in zip(scores, correct) if ok]
     neg = [s for s, ok in zip(scores, correct) if not ok]
     if not pos or not neg:

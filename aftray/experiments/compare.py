@@ -21,8 +21,8 @@ from pathlib import Path
 
 from aftray.config import load_config
 from aftray.loop.rounds import run_loop
-from aftray.loop.rundir import read_summary, write_json
-from aftray.loop.tracking import Tracker
+from aftray.run.rundir import read_summary, write_json
+from aftray.run.tracking import Tracker
 from aftray.train.service import TrainService
 
 log = logging.getLogger("aftray")

@@ -1,0 +1,1 @@
+"""Experiments over many runs: the compute-matched loss comparison and its results page."""

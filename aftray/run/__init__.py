@@ -1,0 +1,1 @@
+"""A run's records: the run directory and summary.json, round metrics, MLflow tracking, plots."""
