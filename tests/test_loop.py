@@ -1,5 +1,6 @@
 """End-to-end: the loop on the arith preset (tiny model from scratch), online and offline, resume after SIGKILL,
 `ray job submit` to a local head node, and a two-node cluster with rollout and training on different nodes."""
+import importlib.util
 import json
 import os
 import signal
@@ -52,6 +53,10 @@ def test_online_aft_bc_two_rounds(tmp_path, ray_local):
     summary = run_loop(cfg)
     _check_summary(cfg.run_dir, 2, "online")
     assert summary["rounds"][2]["weights_version"] == 2
+    # the trainer scores the sampled COTs as the HF sampler did (same weights, fp32): drift ~0 per token
+    for r in (1, 2):
+        assert summary["rounds"][r]["train_logp_drift_tokens"] > 0
+        assert summary["rounds"][r]["train_logp_drift_max"] < 1e-3
     # the samplers took each round's weights: round 1 was sampled by version 0, round 2 by version 1
     from aftray.run.rundir import read_parquet_rows
     for r in (1, 2):  # round 1 sampled by the VFT weights (version 0), not the base model (-1)
@@ -135,7 +140,9 @@ def test_ray_job_submit_to_local_head(tmp_path):
             time.sleep(2)
         submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
                   sys.executable, "jobs/aft_gsm8k.py", "--config", "configs/arith_cpu.yaml",
-                  f"output_dir={tmp_path / 'out'}", *SMALL, "loop.rounds=1", "run_name=submitted"]
+                  f"output_dir={tmp_path / 'out'}", *SMALL, "loop.rounds=1", "run_name=submitted",
+                  # the submitted job samples with vLLM where it is installed (CI installs its CPU build)
+                  *(["rollout.engine=vllm"] if importlib.util.find_spec("vllm") else [])]
         for _ in range(20):  # the job server answers before the node's job agent is up: Ray says to retry
             out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
             logs = out.stdout + out.stderr

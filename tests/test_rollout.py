@@ -1,7 +1,7 @@
 """Rollout: the HF engine in-process (sampling, T = 1 log-probs, determinism, weights in place) and the Ray
 pool on local Ray with real models (group rows, determinism per (question, round), refresh, prompt
-truncation, an engine process killed mid-round). The vLLM engine runs only where vLLM and a CUDA GPU are
-present."""
+truncation, an engine process killed mid-round), each on both engines: HF, and vLLM (its CPU build here; those
+are slow). The vLLM engine in-process is tested in test_vllm.py."""
 import copy
 import importlib.util
 import os
@@ -153,17 +153,16 @@ def test_hf_engine_weights_in_place(tiny_model_path, tiny_rows, tmp_path):
     assert engine.version == 1 and [tokens(cs) for cs in engine.generate(prompts, GREEDY)] == after
 
 
-def test_vllm_engine_without_vllm_is_a_clear_error(tiny_model_path):
-    if importlib.util.find_spec("vllm"):
-        pytest.skip("vLLM is installed")
-    with pytest.raises(ImportError, match=r"aftray\[vllm\]"):
-        make_engine("vllm", tiny_model_path, config(engine="vllm", gpus_per_actor=1))
-
-
 # ---------------------------------------------------------------------------------------------- Ray pool
-@pytest.fixture(scope="module")
-def tiny_pool(ray_local, tiny_model_path):
-    pool = RolloutPool(config(num_actors=2), tiny_model_path)
+# every pool test runs on both engines; vLLM's are slow (an engine start is 40-110 s on 2 cores)
+ENGINES = ["hf", pytest.param("vllm", marks=[pytest.mark.slow, pytest.mark.skipif(
+    not importlib.util.find_spec("vllm"), reason="vLLM is not installed")])]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def tiny_pool(request, ray_local, tiny_model_path):
+    pool = RolloutPool(config(engine=request.param, num_actors=2 if request.param == "hf" else 1),
+                       tiny_model_path)
     yield pool
     pool.shutdown()
 
@@ -268,9 +267,10 @@ def test_pool_smollm2(ray_local, task):
 
 
 @pytest.mark.slow
-def test_engine_killed_mid_round(ray_local, tiny_model_path, task):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_killed_mid_round(ray_local, tiny_model_path, task, engine):
     rows = question_rows(task.test[:8], task, load_tokenizer(tiny_model_path))
-    pool = RolloutPool(config(num_actors=1, batch_size=1, max_new_tokens=48), tiny_model_path)
+    pool = RolloutPool(config(engine=engine, num_actors=1, batch_size=1, max_new_tokens=48), tiny_model_path)
     try:
         # weights v1 first: the restarted process starts from the initial model and must reload v1
         pool.refresh(other_weights(tiny_model_path), 1)
@@ -296,22 +296,16 @@ def test_engine_killed_mid_round(ray_local, tiny_model_path, task):
         pool.shutdown()
 
 
-# ---------------------------------------------------------------------------------------------- vLLM
-@pytest.mark.gpu
-@pytest.mark.skipif(not (importlib.util.find_spec("vllm") and torch.cuda.is_available()),
-                    reason="needs vLLM and a CUDA GPU")
-def test_vllm_engine(tiny_model_path, tiny_rows):
-    engine = make_engine("vllm", tiny_model_path, config(engine="vllm", gpus_per_actor=1,
-                                                         gpu_memory_utilization=0.3))
-    prompts = [r["prompt_ids"][-100:] for r in tiny_rows[:3]]
-    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=7)
-    first = engine.generate(prompts, params)
-    assert [len(cs) for cs in first] == [4, 4, 4]
-    assert tokens(engine.generate([prompts[2], prompts[0]], params)[1]) == tokens(first[0])
-    scores = engine.score([prompts[0]] * 4, tokens(first[0]))
-    assert [sum(c.logprobs) for c in first[0]] == pytest.approx(scores, abs=1e-2)
-    before = [tokens(cs) for cs in engine.generate(prompts, GREEDY)]
-    engine.update_weights(other_weights(tiny_model_path), 1)
-    assert engine.version == 1 and [tokens(cs) for cs in engine.generate(prompts, GREEDY)] != before
-    engine.load_weights(tiny_model_path, 2)
-    assert [tokens(cs) for cs in engine.generate(prompts, GREEDY)] == before
+@pytest.mark.slow
+@pytest.mark.skipif(not importlib.util.find_spec("vllm"), reason="vLLM is not installed")
+def test_vllm_pool_names_a_model_it_cannot_load(ray_local, tiny_model_path, tmp_path):
+    """Raised when the pool starts, not mid-round, and the message names the model."""
+    import json
+    import shutil
+
+    bad = tmp_path / "not-a-model"
+    shutil.copytree(tiny_model_path, bad)
+    config_json = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config_json, "architectures": ["NoSuchForCausalLM"]}))
+    with pytest.raises(Exception, match="vLLM could not start model .*not-a-model"):
+        RolloutPool(config(engine="vllm"), bad)

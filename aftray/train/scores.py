@@ -153,16 +153,42 @@ def _model_inputs(model, batch: GroupBatch) -> dict[str, Tensor]:
     return batch.inputs
 
 
-def sequence_logps(model, batch: GroupBatch) -> Tensor:
-    """S of every sequence [N] (fp32), from one forward pass: Σ log p over its COT tokens only."""
+def token_logps(model, batch: GroupBatch) -> tuple[Tensor, Tensor]:
+    """log p of every scored COT token (fp32), in sequence order, and the sequence each belongs to."""
     # use_cache=False also matters for packing: with a cache transformers skips the packed-sequence detection
     logits = model(**_model_inputs(model, batch), use_cache=False).logits.view(*batch.targets.shape, -1)
     targets = batch.targets[:, 1:]  # token t is predicted by the logits at t - 1
     logits = logits[:, :-1][targets].float()  # COT positions only, and the log-softmax in fp32 under bf16
     labels = batch.inputs["input_ids"][:, 1:][targets]
     token_logp = logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    out = token_logp.new_zeros(len(batch.seq_group))
-    return out.index_add(0, batch.seq_index[:, 1:][targets], token_logp)
+    return token_logp, batch.seq_index[:, 1:][targets]
+
+
+def sequence_logps(model, batch: GroupBatch) -> Tensor:
+    """S of every sequence [N] (fp32), from one forward pass: Σ log p over its COT tokens only."""
+    token_logp, seq = token_logps(model, batch)
+    return token_logp.new_zeros(len(batch.seq_group)).index_add(0, seq, token_logp)
+
+
+@torch.no_grad()
+def logp_drift(model, rows: list[dict], max_seq_len: int, pad_id: int, device) -> list[float]:
+    """|trainer log-prob − sampler log-prob| of every token of the rows' sampled COTs, under the current
+    weights (docs/method.md §Sampler–trainer log-prob drift). COTs or prompts cut to max_seq_len are left out:
+    their context differs from the sampler's."""
+    rows = [r for r in rows if len(r.get("sample_token_logp", ()))]  # rows of older runs have none
+    if not rows:
+        return []
+    batch = collate_groups(rows, max_seq_len, with_ref=False, pad_id=pad_id).to(device)
+    if not len(batch.seq_group):  # groups whose COTs were all empty
+        return []
+    token_logp, seq = token_logps(model, batch)
+    diffs = []
+    for n, (g, slot) in enumerate(zip(batch.seq_group.tolist(), batch.seq_slot.tolist(), strict=True)):
+        sampled = torch.as_tensor(rows[g]["sample_token_logp"][slot], dtype=torch.float32, device=device)
+        mine = token_logp[seq == n]
+        if len(mine) == len(sampled) and not batch.ref_logp[g, slot].isnan():  # NaN: cut (see collate_groups)
+            diffs += (mine - sampled).abs().tolist()
+    return diffs
 
 
 def score_groups(model, batch: GroupBatch) -> ScoredBatch:

@@ -57,7 +57,7 @@ class StageResult:
     @classmethod
     def from_loop(cls, checkpoint: Path, out: dict, time_s: float) -> StageResult:
         metrics = summarize(out["history"], time_s)
-        metrics.update({k: out[k] for k in ("restarts", "setup_s", "worker_pids", "peak_rss_mb")})
+        metrics.update({k: out[k] for k in ("restarts", "setup_s", "logp_drift", "worker_pids", "peak_rss_mb")})
         return cls(checkpoint, metrics, out["history"])
 
     def save(self) -> None:

@@ -42,10 +42,11 @@ from aftray.train.checkpoint import checkpoint_state, load_checkpoint, save_chec
 from aftray.train.stage import StageJob, StageResult
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config
 from aftray.train.losses import OBJECTIVES, sequences_needed
-from aftray.train.scores import collate_groups, score_groups
+from aftray.train.scores import collate_groups, logp_drift, score_groups
 
 # Group-row columns the loop reads (docs/internals.md); the texts stay behind.
-COLUMNS = ("id", "prompt_ids", "ref_cot_ids", "cot_ids", "sample_logp", "correct", "rank", "process")
+COLUMNS = ("id", "prompt_ids", "ref_cot_ids", "cot_ids", "sample_logp", "sample_token_logp", "correct", "rank",
+           "process")
 # Counts (and CPU seconds of all workers' processes); the rest are means.
 SUMMED = ("groups", "groups_no_pairs", "groups_with_both", "tokens", "truncated", "cpu_s")
 WEIGHTED_BY = {"pair_acc": "groups_with_both"}  # means over groups, pair accuracy over groups that have pairs
@@ -139,6 +140,9 @@ def run_stage(job: StageJob, device: torch.device, resume=None) -> dict:
                 step, history, restarts = state["step"], state["history"], state["restarts"] + [state["step"]]
     lap("resume_s")
 
+    drift = first_step_drift(engine, groups, per_step, accum, job, tokenizer.pad_token_id, device) if step == 0 \
+        else {}
+    lap("drift_s")
     objective = OBJECTIVES[loss_cfg.name]
     with_ref, with_samples = sequences_needed(loss_cfg)
     cpu_mark = time.process_time()
@@ -189,8 +193,26 @@ def run_stage(job: StageJob, device: torch.device, resume=None) -> dict:
     engine.destroy()  # a served worker keeps running: free the model and optimizer before the next stage
     if on_gpu:
         torch.cuda.empty_cache()  # hand the cached blocks back (a sampler may share this GPU)
-    return {"history": history, "restarts": restarts, "setup_s": setup,
+    return {"history": history, "restarts": restarts, "setup_s": setup, "logp_drift": drift,
             "worker_pids": [pid for pid, _ in processes], "peak_rss_mb": [rss for _, rss in processes]}
+
+
+def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job: StageJob, pad_id: int,
+                     device: torch.device) -> dict:
+    """Sampler↔trainer log-prob drift on the first step's groups, before any update: {"mean", "max",
+    "tokens"} over all ranks, or {} when the stage's rows carry no sampled COTs (a VFT stage)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = step_groups(groups, 0, per_step, job.train.seed)[rank::world]
+    diffs = []
+    for i in range(accum):  # the training step's micro-batches: same count on every rank (ZeRO-3 gathers)
+        rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
+        diffs += logp_drift(engine, rows, job.train.max_seq_len, pad_id, device)
+    parts = [None] * world
+    dist.all_gather_object(parts, (sum(diffs), len(diffs), max(diffs, default=0.0)))
+    tokens = sum(n for _, n, _ in parts)
+    if not tokens:
+        return {}
+    return {"mean": sum(s for s, _, _ in parts) / tokens, "max": max(m for _, _, m in parts), "tokens": tokens}
 
 
 def init_distributed(cpus: float) -> torch.device:

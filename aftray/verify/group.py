@@ -68,6 +68,7 @@ def verify_group(row: dict, completions: list, cfg: VerifyConfig, answer_kind: s
         "cots": cots,
         "cot_ids": [[int(t) for t in c.token_ids] for c in kept],
         "sample_logp": [float(sum(c.logprobs)) if c.logprobs is not None else math.nan for c in kept],
+        "sample_token_logp": [[float(x) for x in c.logprobs or []] for c in kept],
         "finish_reasons": [c.finish_reason for c in kept],
         "pred": preds,
         "labels": labels,
