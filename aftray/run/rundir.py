@@ -72,10 +72,12 @@ class RunDir:
 
 
 def read_parquet_rows(path: str | Path) -> list[dict]:
-    """Rows of a parquet file or of the folder Ray Data writes, as plain Python values."""
+    """Rows of a parquet file or of the folder Ray Data writes, as plain Python values, in id order: Ray Data
+    writes its pieces in the order they finish, and sums over rows in another order differ in the last bits."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(str(path)).to_pylist()
+    rows = pq.read_table(str(path)).to_pylist()
+    return sorted(rows, key=lambda row: row["id"]) if rows and "id" in rows[0] else rows
 
 
 def _clean(value: Any) -> Any:
