@@ -214,11 +214,17 @@ def test_pool_refresh_in_place(tiny_pool, tiny_rows, task, tiny_model_path):
     pids = tiny_pool.engine_pids()
     start = tiny_pool.version
     before = greedy(10)
-    seconds = tiny_pool.refresh(other_weights(tiny_model_path), start + 1)  # state dict, via the object store
+    weights = other_weights(tiny_model_path)
+    seconds = tiny_pool.refresh(weights, start + 1)  # state dict, via the object store
     after = greedy(11)
     assert 0 < seconds < 30 and tiny_pool.version == start + 1
     assert all(v == start + 1 for _, v in after.values())
     assert sum(after[i][0] != before[i][0] for i in before) >= len(before) - 1
+    # every weight was taken, the tied LM head included: the pool scores as an HF engine holding them
+    reference = make_engine("hf", tiny_model_path, config())
+    reference.update_weights(weights, 1)
+    prompts, cots = [r["prompt_ids"][-MAX_PROMPT:] for r in tiny_rows], [after[r["id"]][0] for r in tiny_rows]
+    assert tiny_pool.score(prompts, cots) == pytest.approx(reference.score(prompts, cots), rel=1e-4, abs=1e-3)
     assert tiny_pool.engine_pids() == pids  # same processes: weights changed in place, no restart
     tiny_pool.refresh(tiny_model_path, start + 2)  # a checkpoint folder: the original weights again
     assert {i: c for i, (c, _) in greedy(12).items()} == {i: c for i, (c, _) in before.items()}

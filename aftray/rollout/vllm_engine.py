@@ -11,8 +11,13 @@ vLLM is an optional extra, imported only here. Choices, and why:
   are a function of the question's seed whatever batch it lands in.
 - Weight refresh in place with vLLM's own `reload_weights` (layerwise reload), which handles the weights the CPU
   backend repacks after loading; a model's plain `load_weights` does not. The RPC carries a folder path, never
-  tensors (`collective_rpc` is not for bulk data): a state dict is staged as safetensors in shared memory. Then
-  the prefix cache is reset, since its KV blocks came from the old weights.
+  tensors (`collective_rpc` is not for bulk data): weights are staged in shared memory (links to a checkpoint's
+  files; a state dict saved as safetensors). Then the prefix cache is reset: its KV blocks came from the old
+  weights.
+- Tied embeddings are served untied. A layerwise reload never loads a tied LM head (the checkpoint has no tensor
+  for it), and on CPU the head holds its own repacked copy of the embedding, so it kept the old weights after
+  every reload (the drift check showed ~2 nats per token). vLLM is therefore started on a copy of the model whose
+  config unties the head, with `lm_head.weight` (a copy of the embedding) staged beside every checkpoint.
 - CPU: OpenMP threads = `rollout.threads_per_actor`, pinned to `rollout.cpu_cores` or left unpinned (vLLM's
   default would pin them to cores train workers may use); KV cache `rollout.kv_cache_gb`. The engine core runs
   in its own process (vLLM's multiprocessing executor) inside the Ray actor.
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,13 +48,13 @@ def _import_vllm():
     return vllm
 
 
-def _model_limits(model_path: Path) -> tuple[int, list[int]]:
-    """(max positions, EOS ids) from the checkpoint's config.json and generation_config.json."""
+def _model_limits(model_path: Path) -> tuple[int, list[int], bool]:
+    """(max positions, EOS ids, tied embeddings?) from the checkpoint's config.json and generation_config.json."""
     config = json.loads((model_path / "config.json").read_text())
     gen = model_path / "generation_config.json"
     eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return config.get("max_position_embeddings", 2048), eos
+    return config.get("max_position_embeddings", 2048), eos, bool(config.get("tie_word_embeddings", False))
 
 
 def _set_cpu_threads(cfg: RolloutConfig) -> None:
@@ -57,19 +64,57 @@ def _set_cpu_threads(cfg: RolloutConfig) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
+def _shm_dir() -> str:
+    return tempfile.mkdtemp(prefix="aftray-vllm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+
+
+def _untied_copy(model_path: Path, embed: str) -> Path:
+    """The model at `model_path` with its LM head untied: the files linked, config.json rewritten, the head's
+    weights staged (see the module docstring). Removed when the engine is collected or the process exits."""
+    served = Path(_shm_dir())
+    for f in model_path.iterdir():
+        if f.name != "config.json" and not f.name.endswith(".safetensors.index.json"):
+            (served / f.name).symlink_to(f.absolute())
+    config = json.loads((model_path / "config.json").read_text())
+    (served / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    _stage_lm_head(model_path, served, embed)
+    return served
+
+
+def _stage_lm_head(src: Path, dst: Path, embed: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for f in src.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            if embed in st.keys():
+                save_file({"lm_head.weight": st.get_tensor(embed).contiguous()}, str(dst / "lm_head.safetensors"))
+                return
+    raise ValueError(f"{src}: no {embed} tensor (the tied embedding)")
+
+
 class VLLMEngine(Engine):
     def __init__(self, model_path: str | Path, cfg: RolloutConfig):
         vllm = _import_vllm()
         model_path = Path(model_path)
         on_gpu = cfg.gpus_per_actor > 0
-        max_positions, self.stop_ids = _model_limits(model_path)
+        max_positions, self.stop_ids, tied = _model_limits(model_path)
+        self.weight_names = _tensor_names(model_path)
+        # the embedding a tied head copies (Llama-style names; other tied layouts are refused here)
+        self.tied_embed = next((n for n in self.weight_names if n.endswith("embed_tokens.weight")), None) \
+            if tied else None
+        if tied and not self.tied_embed:
+            raise ValueError(f"{model_path}: tied embeddings without an embed_tokens tensor are not supported")
+        served = _untied_copy(model_path, self.tied_embed) if self.tied_embed else model_path
+        if served != model_path:
+            weakref.finalize(self, shutil.rmtree, served, True)
         if not on_gpu:
             _set_cpu_threads(cfg)
         # a MC continuation's prompt is a prompt plus a whole COT (see EngineActor.continue_texts)
         max_model_len = min(max_positions, cfg.max_prompt_tokens + 2 * cfg.max_new_tokens)
         try:
             self.llm = vllm.LLM(
-                model=str(model_path), dtype=cfg.dtype if cfg.dtype != "auto" else
+                model=str(served), dtype=cfg.dtype if cfg.dtype != "auto" else
                 ("bfloat16" if on_gpu else "float32"), seed=cfg.seed, max_model_len=max_model_len,
                 logprobs_mode="raw_logprobs", generation_config="vllm", enable_chunked_prefill=False,
                 max_num_batched_tokens=max(cfg.max_num_batched_tokens, max_model_len),
@@ -79,7 +124,6 @@ class VLLMEngine(Engine):
         except Exception as e:  # vLLM's own message is deep in a traceback of its engine core process
             raise RuntimeError(f"vLLM could not start model {model_path}: {type(e).__name__}: {e}") from e
         self.tokenizer = self.llm.get_tokenizer()
-        self.weight_names = _tensor_names(model_path)
         self.version = 0
 
     def generate(self, prompt_ids: list[list[int]],
@@ -114,10 +158,12 @@ class VLLMEngine(Engine):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 unique[name] = t.detach().cpu().contiguous()
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        with tempfile.TemporaryDirectory(dir=shm) as tmp:
+        tmp = _shm_dir()
+        try:
             save_file(unique, os.path.join(tmp, "model.safetensors"))
             self.load_weights(tmp, version)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def load_weights(self, path: str | Path, version: int) -> None:
         # checked before anything is loaded: on a bad folder the engine keeps its weights and version
@@ -126,7 +172,15 @@ class VLLMEngine(Engine):
         missing = self.weight_names - _tensor_names(Path(path))
         if missing:
             raise ValueError(f"{path}: weights do not match the rollout model: missing {sorted(missing)[:5]}")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(Path(path).absolute())})
+        staged = Path(_shm_dir())
+        try:
+            for f in Path(path).glob("*.safetensors"):  # a sharded checkpoint's index would hide lm_head's file
+                (staged / f.name).symlink_to(f.absolute())
+            if self.tied_embed:
+                _stage_lm_head(Path(path), staged, self.tied_embed)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(staged)})
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         self.llm.reset_prefix_cache()
         self.version = version
 
