@@ -27,7 +27,9 @@ def run_preset(tmp_path, preset: str, *overrides) -> tuple[dict, Path]:
         rec = summary["rounds"][r]
         assert rec["num_samples"] > 0 and rec["rollout_tokens_per_s"] > 0 and rec["train_loss"] == rec["train_loss"]
         samples = read_parquet_rows(cfg.run_dir / "rounds" / str(r) / "samples.parquet")
-        assert {row["weights_version"] for row in samples} == {r - 1}  # the samplers took each round's weights
+        # the samplers took each round's weights (the base model is -1; round 0's VFT stage, if any, makes 0)
+        held = r - 1 if r > 1 or cfg.train.vft_steps > 0 else -1
+        assert {row["weights_version"] for row in samples} == {held}
         assert all(len(t) == len(c) for row in samples for t, c in zip(row["sample_token_logp"], row["cot_ids"]))
     return summary, cfg.run_dir
 
@@ -37,7 +39,7 @@ def test_arith_cpu_on_vllm(tmp_path, ray_local):
                             "task.num_test=30", "loop.eval_questions=30", "loop.questions_per_round=16",
                             "train.vft_steps=30", "train.steps_per_stage=4")
     # vLLM (fp32) and the DeepSpeed trainer (fp32) score the same COTs with the same weights: different kernels,
-    # the same numbers up to rounding
+    # the same numbers up to rounding (measured 2.5e-7 mean, 1.9e-6 max per token)
     for r in (1, 2):
         assert summary["rounds"][r]["train_logp_drift_tokens"] > 0
         assert summary["rounds"][r]["train_logp_drift_mean"] < 1e-3
@@ -54,6 +56,6 @@ def test_gsm8k_cpu_on_vllm(tmp_path, ray_local):
                                   "loop.questions_per_round=3", "train.steps_per_stage=1",
                                   "train.questions_per_step=3", "rollout.max_new_tokens=64")
     assert summary["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    for r in (1, 2):
-        assert summary["rounds"][r]["train_logp_drift_mean"] < 1e-2
+    for r in (1, 2):  # measured 9e-6 mean, 4.5e-5 max per token
+        assert summary["rounds"][r]["train_logp_drift_mean"] < 1e-3
     assert (run_dir / "rounds" / "2" / "checkpoint" / "model.safetensors").is_file()
