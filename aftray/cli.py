@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import sys
 from pathlib import Path
 
 from aftray.config import ConfigError, load_config
+from aftray.run.console import quiet_ray_data, setup_logging
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--questions", type=int, default=3)
     sample.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     # `aftray run key=value` without a preset: argparse puts the first override in `config`
     if args.command == "run" and args.config and "=" in args.config:
         args.overrides.insert(0, args.config)
@@ -60,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from aftray import commands
     from aftray.loop.rounds import run_loop
 
+    quiet_ray_data()
     if args.command == "run":
         run_loop(cfg)
     elif args.command == "eval":

@@ -63,6 +63,7 @@ class ArithConfig:
     max_value: int = 50
     distractors: int = 0
     seed: int = 0
+    style: Literal["equations", "words"] = "equations"  # the reference COT (aftray.tasks.arith)
 
 
 @dataclass
@@ -73,6 +74,9 @@ class TaskConfig:
     num_test: Optional[int] = None  # slice of the held-out split used for evaluation
     prompt_format: Literal["plain", "chat", "auto"] = "auto"  # auto: chat template when the tokenizer has one
     few_shot: int = 0
+    # keep questions whose reference solution has at most this many steps (non-empty lines before the final
+    # '####' line; a GSM8K line is one step), in both splits, before num_train / num_test cut them; null: all
+    max_steps: Optional[int] = None
     strip_calculator: bool = True  # drop GSM8K <<a*b=c>> annotations from the text the model learns
     strict: bool = False  # bad dataset rows raise instead of being skipped and counted
     arith: ArithConfig = field(default_factory=ArithConfig)
@@ -163,7 +167,14 @@ class LoopConfig:
     mode: Literal["online", "offline"] = "online"
     rounds: int = 2  # 0: only round 0 (the VFT stage, if any, and the starting model's evaluation)
     questions_per_round: int = 16  # online: fresh slice per round (offline: the whole training set)
+    # dynamic sampling (online): while the round has fewer than min_mixed_groups mixed groups (a right and a
+    # wrong COT: the groups that give the alignment term a pair), sample more fresh questions, up to
+    # max_oversample x questions_per_round in all. Every sampled group is kept and trained on. 0 = off
+    min_mixed_groups: int = 0
+    max_oversample: float = 4.0
     eval_questions: int = 50  # held-out questions for greedy accuracy
+    # the first this many of them form the assessment candidate set (k COTs each, drawn at round 0); null: all
+    assessment_questions: Optional[int] = None
     overlap: bool = False  # rollout of round r+1 overlaps training of round r (one round stale)
     samples_to_log: int = 3  # COTs per label written to the round's text artifact
 
@@ -412,12 +423,17 @@ def validate(cfg: Config) -> None:
     _check(lo.process_gap >= 0, "loss.process_gap", "a value >= 0", lo.process_gap)
     _check(lp.rounds >= 0, "loop.rounds", "an integer >= 0 (0: only round 0, the starting model)", lp.rounds)
     _check(lp.questions_per_round >= 1, "loop.questions_per_round", "an integer >= 1", lp.questions_per_round)
+    _check(lp.min_mixed_groups >= 0, "loop.min_mixed_groups", "an integer >= 0 (0 = off)", lp.min_mixed_groups)
+    _check(lp.max_oversample >= 1, "loop.max_oversample", "a factor >= 1", lp.max_oversample)
     _check(lp.eval_questions >= 0, "loop.eval_questions", "an integer >= 0", lp.eval_questions)
+    _check(lp.assessment_questions is None or lp.assessment_questions >= 1, "loop.assessment_questions",
+           "null or >= 1", lp.assessment_questions)
     _check(lp.mode != "offline" or lp.rounds == 1, "loop.rounds", "1 in offline mode (the paper's single round)", lp.rounds)
     _check(cfg.verify.mc_samples >= 1, "verify.mc_samples", "an integer >= 1", cfg.verify.mc_samples)
     tc = cfg.task
     _check(tc.num_train is None or tc.num_train >= 1, "task.num_train", "null or >= 1", tc.num_train)
     _check(tc.num_test is None or tc.num_test >= 1, "task.num_test", "null or >= 1", tc.num_test)
+    _check(tc.max_steps is None or tc.max_steps >= 1, "task.max_steps", "null or >= 1", tc.max_steps)
     a = tc.arith
     _check(1 <= a.min_steps <= a.max_steps, "task.arith.min_steps", f"1 <= min_steps <= max_steps ({a.max_steps})", a.min_steps)
     _check(a.max_value >= 2, "task.arith.max_value", "an integer >= 2", a.max_value)

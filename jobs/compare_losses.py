@@ -12,17 +12,20 @@ A shared hyper-parameter grid (every arm runs at every setting; docs/results.md 
         --bases runs/compare --grid train.lr=3e-4,1e-3 --grid loss.bc_margin=0.1,0.3 --out runs/grid
 """
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aftray.experiments.compare import ARMS, PAPER_ARMS, run_comparison  # noqa: E402
-from aftray.experiments.report import update_results_page  # noqa: E402
+from aftray.run.console import quiet_ray_data, setup_logging  # noqa: E402
 
 
 def main() -> int:
+    setup_logging()  # before Ray is imported: it reads the log settings then
+    from aftray.experiments.compare import ARMS, PAPER_ARMS, run_comparison
+    from aftray.experiments.report import update_results_page
+
+    quiet_ray_data()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/arith_compare.yaml")
     parser.add_argument("--arms", default=",".join(PAPER_ARMS), help=f"comma list of: {', '.join(ARMS)}")
@@ -37,8 +40,6 @@ def main() -> int:
     parser.add_argument("--results-md", help="refresh the generated section of this markdown page")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
     grid = {}
     for item in args.grid:
         key, sep, values = item.partition("=")

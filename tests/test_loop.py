@@ -2,6 +2,7 @@
 `ray job submit` to a local head node, and a two-node cluster with rollout and training on different nodes."""
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -35,6 +36,9 @@ def _check_summary(run_dir: Path, rounds: int, mode: str) -> dict:
     for rec in summary["rounds"]:
         assert set(ROUND_KEYS) <= set(rec)
         assert 0.0 <= rec["accuracy"] <= 1.0
+        # an accuracy carries its denominator and its binomial SE
+        p, n = rec["accuracy"], rec["num_eval_questions"]
+        assert n == 30 and rec["accuracy_se"] == pytest.approx(math.sqrt(p * (1 - p) / n))
     for r in range(1, rounds + 1):
         rec = summary["rounds"][r]
         assert rec["num_samples"] > 0 and rec["time_train_s"] > 0 and rec["train_loss"] == rec["train_loss"]
@@ -71,7 +75,7 @@ def test_online_aft_bc_two_rounds(tmp_path, ray_local):
     # MLflow: one run, every round metric at step = round, the artifacts
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = (cfg.run_dir / "mlflow_run_id").read_text()
-    assert [m.step for m in client.get_metric_history(run_id, "accuracy")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/accuracy")] == [0, 1, 2]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "summary.json", "plots"} <= artifacts
 
@@ -150,7 +154,8 @@ def test_ray_job_submit_to_local_head(tmp_path):
                 break
             time.sleep(3)
         assert out.returncode == 0, logs[-3000:]
-        assert "succeeded" in logs and "round 1:" in logs and "round 0:" in logs
+        assert "succeeded" in logs and "round 0/1 eval" in logs and "round 1/1 done" in logs
+        assert "Running Dataset" not in logs and "\r" not in logs  # no Ray Data progress blocks, no redraws
         _check_summary(tmp_path / "out" / "submitted", 1, "online")
     finally:
         os.killpg(head.pid, signal.SIGTERM)

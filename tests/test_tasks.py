@@ -74,6 +74,15 @@ def test_gsm8k_strip_calculator_switch(data_dir):
     assert all(e.cot == e.raw_cot for e in task.train) and "<<" in task.train[0].cot
 
 
+def test_gsm8k_max_steps_keeps_short_solutions(data_dir):
+    from aftray.tasks import num_steps
+
+    task = load_task(TaskConfig(name="gsm8k", data_dir=str(data_dir), max_steps=2, num_test=200))
+    assert (len(task.train), len(task.test)) == (1961, 200)  # 326 test questions have 2 steps (none fewer)
+    assert all(num_steps(e) == 2 for e in task.train + task.test)
+    assert num_steps(task.train[0]) == task.train[0].raw_cot.count("\n")  # one line a step, then "#### N"
+
+
 # ---------------------------------------------------------------------------------------------- AQuA-RAT
 def test_aqua_loads(aqua):
     assert (len(aqua.train), len(aqua.test)) == (254, 254)
@@ -251,6 +260,18 @@ def test_arith_knobs():
     with pytest.raises(ValueError, match="distinct"):
         generate(ArithConfig(num_train=5000, num_test=0, min_steps=1, max_steps=1, max_value=3))
 
+
+def test_arith_words_style_draws_the_same_problems():
+    cfg = ArithConfig(num_train=200, num_test=20, distractors=1)
+    equations, words = generate(cfg), generate(ArithConfig(**{**cfg.__dict__, "style": "words"}))
+    for e, w in zip(equations[0] + equations[1], words[0] + words[1]):
+        assert w.answer == e.answer and w.cot.endswith(f"\n#### {w.answer}")
+        assert arith_process_score(w.cot) == 1.0 and is_correct(extract_answer(w.cot, "number"), w.answer, "number")
+        assert len(w.cot.splitlines()) == 2 + w.cot.count("=")  # the start, one line per event, the answer
+        name = w.question.split()[0]
+        for line in w.cot.splitlines()[1:-1]:  # each step names an event of the story, as the story does
+            assert line.split(", so")[0] + "." in w.question and line.startswith(name)
+    assert sum(e.question == w.question for e, w in zip(equations[0], words[0])) > 150
 
 def test_arith_slices():
     arith = ArithConfig(num_train=20, num_test=5)

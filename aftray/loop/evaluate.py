@@ -1,7 +1,8 @@
 """Evaluation each round: greedy accuracy on held-out questions, and assessment accuracy on a fixed candidate set.
 
-The candidate set is drawn once, at round 0, by the starting model: `rollout.k` COTs per held-out question
-(rounds/0/eval_candidates.parquet). Every round re-scores those same COTs with the current weights, so
+The candidate set is drawn once, at round 0, by the starting model: `rollout.k` COTs per held-out question, for
+the first `loop.assessment_questions` of them (default all; k COTs cost k greedy ones), in
+rounds/0/eval_candidates.parquet. Every round re-scores those same COTs with the current weights, so
 assessment accuracy (pairs with s_pos > s_neg) and the score health (mean s_pos, s_neg, min s_neg) are comparable
 across rounds — the paper's diagnostic. Round 0 also reports pass@k / maj@k from them; later rounds report pass@k
 and maj@k from their own rollout.
@@ -17,7 +18,8 @@ import ray
 from aftray.config import Config
 from aftray.loop.pipeline import sample_groups
 from aftray.rollout import SamplingParams
-from aftray.run.metrics import sample_metrics
+from aftray.run.console import generated, phase_line, progress
+from aftray.run.metrics import binomial_se, sample_metrics
 from aftray.run.rundir import RunDir, read_parquet_rows
 
 log = logging.getLogger("aftray")
@@ -31,20 +33,25 @@ class Evaluator:
     def greedy_accuracy(self, r: int) -> float:
         if not self.eval_rows:
             return float("nan")
-        return greedy_accuracy(self.pool, self.eval_rows, r, self.cfg, self.answer_kind)
+        with progress(f"round {r} eval (greedy)", generated(self.pool, r), len(self.eval_rows)):
+            return greedy_accuracy(self.pool, self.eval_rows, r, self.cfg, self.answer_kind)
 
     def candidates(self) -> list[dict]:
         if not self.candidates_path.exists():
             tmp = self.candidates_path.with_name(self.candidates_path.name + ".tmp")
-            groups = sample_groups(self.pool, ray.data.from_items(self.eval_rows), 0, self.cfg.verify,
-                                   self.answer_kind)
-            groups.write_parquet(str(tmp))
+            rows = self.eval_rows[:self.cfg.loop.assessment_questions]
+            groups = sample_groups(self.pool, ray.data.from_items(rows), 0, self.cfg.verify, self.answer_kind)
+            with progress("round 0 eval (candidate COTs)", generated(self.pool, 0), len(rows)):
+                groups.write_parquet(str(tmp))
             tmp.rename(self.candidates_path)
         return read_parquet_rows(self.candidates_path)
 
     def evaluate(self, r: int) -> dict:
         start = time.perf_counter()
-        metrics = {"accuracy": self.greedy_accuracy(r)}
+        accuracy = self.greedy_accuracy(r)
+        # an accuracy carries its denominator and its binomial standard error
+        metrics = {"accuracy": accuracy, "num_eval_questions": len(self.eval_rows),
+                   "accuracy_se": binomial_se(accuracy, len(self.eval_rows))}
         if self.eval_rows:
             candidates = self.candidates()
             # summed log-prob of every candidate COT under the current weights, token-averaged per group
@@ -59,6 +66,7 @@ class Evaluator:
                 keys += ["pass_at_k", "maj_at_k", "num_questions", "num_samples", "num_positive", "num_negative"]
             metrics.update({k: held_out[k] for k in keys})
         metrics["time_eval_s"] = time.perf_counter() - start
+        log.info(phase_line("eval", {"round": r, **metrics}, self.cfg.loop.rounds))
         return metrics
 
 

@@ -12,6 +12,7 @@ found on disk are reused).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 import time
@@ -23,13 +24,14 @@ import ray
 from aftray.cluster import check_cluster_fits, start_ray
 from aftray.config import Config, flatten, save_config, to_dict
 from aftray.loop.evaluate import Evaluator, write_sample_text
-from aftray.loop.pipeline import sample_groups
+from aftray.loop.pipeline import sample_round
 from aftray.models import load_tokenizer, resolve_model_path
 from aftray.rollout import RolloutPool, question_rows
+from aftray.run.console import generated, phase, phase_line, progress, result_line
 from aftray.run.metrics import sample_metrics
 from aftray.run.plots import plot_run
 from aftray.run.rundir import RunDir, write_summary
-from aftray.run.tracking import Tracker
+from aftray.run.tracking import Tracker, mlflow_name
 from aftray.tasks import load_task
 from aftray.train.service import TrainService
 
@@ -37,13 +39,17 @@ log = logging.getLogger("aftray")
 
 
 def round_questions(rows: list[dict], cfg: Config, r: int) -> list[dict]:
-    """Offline: every training question. Online: round r's slice of one seeded shuffle (wrapping around)."""
+    """Offline: every training question. Online: round r's block of one seeded shuffle (wrapping around), in
+    the order they are sampled: `questions_per_round` questions, or with dynamic sampling the cap of
+    `max_oversample` times as many (`sample_round` takes what it needs from the front). A block never holds a
+    question twice, and depends only on (seed, round)."""
     if cfg.loop.mode == "offline":
         return rows
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)
-    q = cfg.loop.questions_per_round
-    return [rows[order[(i + (r - 1) * q) % len(rows)]] for i in range(q)]
+    lp = cfg.loop
+    n = math.ceil(lp.questions_per_round * lp.max_oversample) if lp.min_mixed_groups else lp.questions_per_round
+    return [rows[order[(i + (r - 1) * n) % len(rows)]] for i in range(min(n, len(rows)))]
 
 
 def vft_rows(rows: list[dict]) -> list[dict]:
@@ -96,11 +102,12 @@ class Run:
         if out.exists():
             return {"time_rollout_s": 0.0, "time_verify_s": 0.0, "rollout_tokens": 0, "reused_samples": 1}
         start = time.perf_counter()
-        questions = ray.data.from_items(round_questions(self.train_rows, self.cfg, r))
-        groups = sample_groups(self.pool, questions, r, self.cfg.verify, self.task.answer_kind)
+        questions = round_questions(self.train_rows, self.cfg, r)
+        first = self.cfg.loop.questions_per_round if self.cfg.loop.mode == "online" else len(questions)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        groups.write_parquet(str(tmp))  # streamed: generation, verification and writing overlap
+        sample_round(self.pool, questions, first, self.cfg.loop.min_mixed_groups, tmp, r, self.cfg.verify,
+                     self.task.answer_kind)
         tmp.rename(out)
         wall = time.perf_counter() - start
         stats = self.pool.metrics(r)  # verify seconds and generated tokens, summed over the round's batches
@@ -137,15 +144,19 @@ class Run:
                    "train_tokens_per_s": float("nan")}
         start = time.perf_counter()
         if self.cfg.train.vft_steps > 0 or self.cfg.loop.mode == "offline":
-            log.info("round 0: VFT stage on %d reference COTs", len(self.train_rows))
-            metrics.update(self.train(0, stage="vft"))
-            metrics.update(self.refresh(0))
+            with phase("train", metrics, self.cfg.loop.rounds):  # the VFT stage on the reference COTs
+                metrics.update(self.train(0, stage="vft"))
+            with phase("sync", metrics, self.cfg.loop.rounds):
+                metrics.update(self.refresh(0))
         metrics.update(self.evaluator.evaluate(0))
         self.finish_round(0, metrics, time.perf_counter() - start, tracker)
 
     def run_round(self, r: int, tracker: Tracker, prefetched: dict | None = None) -> None:
         start = time.perf_counter()
-        metrics = {"round": r, **(prefetched or self.rollout(r))}
+        if prefetched is None:
+            with progress(f"round {r} rollout", generated(self.pool, r)):
+                prefetched = self.rollout(r)
+        metrics = {"round": r, **prefetched}
         groups = self.dir.read_samples(r)
         metrics.update(sample_metrics(groups, self.cfg.rollout.k))
         metrics["rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / max(metrics["time_rollout_s"], 1e-9)
@@ -153,15 +164,20 @@ class Run:
         # rollout-side assessment is the sampling policy judging its own samples; the evaluator re-scores a
         # fixed held-out candidate set with the trained weights (the `assessment_accuracy` of the round)
         metrics = {f"rollout_{k}" if k in ("assessment_accuracy", "mean_score_pos", "mean_score_neg",
-                                           "score_gap", "min_score_neg", "num_mixed_groups") else k: v
+                                           "score_gap", "min_score_neg", "num_mixed_groups", "mixed_fraction",
+                                           "questions_per_mixed_group") else k: v
                    for k, v in metrics.items()}
+        log.info(phase_line("rollout", metrics, self.cfg.loop.rounds))
+        log.info(phase_line("verify", metrics, self.cfg.loop.rounds))
         with ThreadPoolExecutor(1) as ahead:
             # one round stale: round r+1's samples come from the weights that entered round r
             next_rollout = (ahead.submit(self.rollout, r + 1)
                             if self.cfg.loop.overlap and r < self.cfg.loop.rounds else None)
-            metrics.update(self.train(r))
+            with phase("train", metrics, self.cfg.loop.rounds):
+                metrics.update(self.train(r))
             self.prefetched = next_rollout.result() if next_rollout else None
-        metrics.update(self.refresh(r))
+        with phase("sync", metrics, self.cfg.loop.rounds):
+            metrics.update(self.refresh(r))
         metrics.update(self.evaluator.evaluate(r))
         self.finish_round(r, metrics, time.perf_counter() - start, tracker)
 
@@ -175,13 +191,9 @@ class Run:
         metrics.update(time_round_s=wall, time_overhead_s=overhead, overhead_share=overhead / max(wall, 1e-9),
                        weights_version=self.version)
         self.dir.write_round_metrics(r, metrics)  # written last: marks the round finished
-        tracker.log_metrics(metrics, step=r)
+        tracker.log_metrics(metrics, step=r, name=mlflow_name)
         tracker.log_artifact(self.dir.round_dir(r) / "samples.txt", f"rounds/{r}")
-        log.info("round %d: accuracy %.3f  assessment %.3f  pass@k %.3f  train_loss %.4f  (%.0fs: rollout %.0f, "
-                 "verify %.1f, train %.0f, sync %.1f, eval %.0f)", r, metrics["accuracy"],
-                 metrics["assessment_accuracy"], metrics["pass_at_k"], metrics["train_loss"], wall,
-                 metrics["time_rollout_s"], metrics["time_verify_s"], metrics["time_train_s"],
-                 metrics["time_sync_s"], metrics["time_eval_s"])
+        log.info(phase_line("done", metrics, self.cfg.loop.rounds))
 
     def summary(self) -> dict:
         cfg = self.cfg
@@ -214,6 +226,8 @@ def run_loop(cfg: Config, parent_run_id: str | None = None, trainer=None) -> dic
         run.pool.shutdown()
         if run.owns_trainer:
             run.trainer.close()
-    log.info("done: summary %s, plots %s, MLflow %s (run %s)", run.dir.summary_path, run.dir.plots_dir,
-             tracker.uri, tracker.run_id)
+    log.info(result_line(summary["rounds"][0], summary["rounds"][-1]))
+    log.info("summary  %s", run.dir.summary_path)
+    log.info("plots    %s", run.dir.plots_dir)
+    log.info("MLflow   %s", tracker.where())
     return summary

@@ -268,7 +268,7 @@ class RolloutPool:
         self._weights = Weights(version, source)
         ray.get(self.router.refresh.remote(self._weights))
         seconds = time.perf_counter() - start
-        log.info("rollout: weights v%d in %d engine(s) in %.2f s", version, len(self._engines), seconds)
+        log.debug("rollout: weights v%d in %d engine(s) in %.2f s", version, len(self._engines), seconds)
         return seconds
 
     def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]], round: int | None = None

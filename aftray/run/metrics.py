@@ -73,6 +73,8 @@ def sample_metrics(rows: Iterable[dict], k: int) -> dict[str, float]:
         "num_positive": n_pos,
         "num_negative": n_neg,
         "num_mixed_groups": len(pair_accs),
+        "mixed_fraction": len(pair_accs) / len(rows) if rows else math.nan,
+        "questions_per_mixed_group": len(rows) / len(pair_accs) if pair_accs else math.nan,
         "pass_at_k": _mean(passes),
         "maj_at_k": _mean(majs),
         "assessment_accuracy": _mean(pair_accs),
@@ -81,6 +83,11 @@ def sample_metrics(rows: Iterable[dict], k: int) -> dict[str, float]:
         "score_gap": _mean(s_pos) - _mean(s_neg),
         "min_score_neg": min(s_neg) if s_neg else math.nan,
     }
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error sqrt(p(1-p)/n) of a fraction p of n independent trials (an accuracy on n questions)."""
+    return math.sqrt(p * (1 - p) / n) if n else math.nan
 
 
 def _mean(xs: Sequence[float]) -> float:

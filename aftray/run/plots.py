@@ -1,4 +1,6 @@
-"""Per-run plots from summary.json: accuracy and assessment accuracy per round, s_pos/s_neg, phase times."""
+"""Per-run plots from summary.json, one point per round (integer ticks): greedy accuracy with binomial error bars,
+assessment accuracy, pass@k and maj@k; s_pos/s_neg; phase times; the sampler↔trainer log-prob drift when the
+rounds carry it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: Ray workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PHASES = ("time_rollout_s", "time_verify_s", "time_train_s", "time_sync_s", "time_eval_s")
 
@@ -24,8 +27,12 @@ def plot_run(summary: dict, out_dir: str | Path) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("accuracy", "greedy accuracy"), ("assessment_accuracy", "assessment accuracy"),
-                       ("pass_at_k", "pass@k"), ("maj_at_k", "maj@k")):
+    xs, ys = _series(rounds, "accuracy")
+    # ± one binomial SE, sqrt(p(1-p)/n); none for a round recorded before accuracy_se existed
+    se = [r.get("accuracy_se") or 0.0 for r in rounds if r.get("accuracy") is not None]
+    ax.errorbar(xs, ys, yerr=se, marker="o", capsize=3, label="greedy accuracy (± 1 SE)")
+    for key, label in (("assessment_accuracy", "assessment accuracy"), ("pass_at_k", "pass@k"),
+                       ("maj_at_k", "maj@k")):
         xs, ys = _series(rounds, key)
         ax.plot(xs, ys, marker="o", label=label)
     ax.set(xlabel="round", ylabel="fraction", title=title, ylim=(0, 1))
@@ -51,10 +58,20 @@ def plot_run(summary: dict, out_dir: str | Path) -> list[Path]:
     ax.set(xlabel="round", ylabel="seconds", title="phase times")
     ax.legend()
     paths.append(_save(fig, out_dir / "phase_times.png"))
+
+    if any(r.get("train_logp_drift_mean") is not None for r in rounds):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("train_logp_drift_mean", "mean"), ("train_logp_drift_max", "max")):
+            xs, ys = _series(rounds, key)
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set(xlabel="round", ylabel="|trainer - sampler| token log-prob", title="sampler↔trainer log-prob drift")
+        ax.legend()
+        paths.append(_save(fig, out_dir / "logp_drift.png"))
     return paths
 
 
 def _save(fig, path: Path) -> Path:
+    fig.gca().xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # rounds: whole numbers, even one
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

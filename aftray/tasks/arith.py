@@ -5,10 +5,12 @@ A problem is a start amount and independent gain/loss events, e.g.
 Every order of the events whose running totals stay >= 0 is a valid solution, and each problem with two or
 more events is generated to have at least two distinct ones; the reference COT takes a random valid order, in
 GSM8K style:
-  "43-26=17. 17+30=47. 47+28=75. #### 75"
+  style "equations": "43-26=17. 17+30=47. 47+28=75. #### 75"  (short, a small character set: char-level models)
+  style "words":     "Ann has 43 eggs.\nAnn loses 26, so Ann has 43 - 26 = 17 eggs.\n...\n#### 75"  (one step a
+                     line, as GSM8K writes them: for pretrained models)
 Knobs (`task.arith`): steps (min/max events), max_value (numbers in the story are below it), distractors
-(facts that do not change the answer). Texts are short, with a small character set, for a char-level model.
-Deterministic in `seed`; test questions never repeat a training question.
+(facts that do not change the answer), style. Deterministic in `seed` (both styles draw the same problems);
+test questions never repeat a training question.
 """
 from __future__ import annotations
 
@@ -46,17 +48,27 @@ def random_valid_order(start: int, ops: list[int], rng: random.Random) -> list[i
     return order
 
 
-def cot_for(start: int, order: list[int]) -> str:
-    steps, total = [], start
+def cot_for(start: int, order: list[int], story: tuple[str, str, dict[int, str]] | None = None) -> str:
+    """The COT of one order of the events: equations, or with `story` = (name, item, verb of each amount)
+    sentences."""
+    if story is None:
+        steps, total = [], start
+        for op in order:
+            steps.append(f"{total}{'+' if op > 0 else '-'}{abs(op)}={total + op}.")
+            total += op
+        return " ".join(steps) + f" #### {total}"
+    name, item, verbs = story
+    lines, total = [f"{name} has {start} {item}."], start
     for op in order:
-        steps.append(f"{total}{'+' if op > 0 else '-'}{abs(op)}={total + op}.")
+        lines.append(f"{name} {verbs[op]} {abs(op)}, so {name} has {total} {'+' if op > 0 else '-'} {abs(op)} = "
+                     f"{total + op} {item}.")
         total += op
-    return " ".join(steps) + f" #### {total}"
+    return "\n".join(lines) + f"\n#### {total}"
 
 
-def make_problem(rng: random.Random, cfg: ArithConfig) -> tuple[str, int, list[int]]:
-    """(question, start, events in story order) with valid running totals and, from 2 events on, >= 2 valid
-    orders (one always exists with a loss first: the start is >= 1)."""
+def make_problem(rng: random.Random, cfg: ArithConfig) -> tuple[str, int, list[int], tuple | None]:
+    """(question, start, events in story order, story for a words COT or None) with valid running totals and,
+    from 2 events on, >= 2 valid orders (one always exists with a loss first: the start is >= 1)."""
     n = rng.randint(cfg.min_steps, cfg.max_steps)
     while True:
         start = rng.randint(1, cfg.max_value - 1)
@@ -65,7 +77,14 @@ def make_problem(rng: random.Random, cfg: ArithConfig) -> tuple[str, int, list[i
         if min(totals) >= 0 and (n == 1 or has_two_orders(ops)):
             break
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    events = [f"{name} {rng.choice(GAINS if o > 0 else LOSSES)} {abs(o)}." for o in ops]
+    verbs = [rng.choice(GAINS if o > 0 else LOSSES) for o in ops]
+    story = None
+    if cfg.style == "words":  # one verb per amount, so that a COT in any order names each event as the story does
+        by_amount = {}
+        for o, verb in zip(ops, verbs):
+            by_amount.setdefault(o, verb)
+        verbs, story = [by_amount[o] for o in ops], (name, item, by_amount)
+    events = [f"{name} {verb} {abs(o)}." for o, verb in zip(ops, verbs)]
     for _ in range(cfg.distractors):  # another person's amount, or another item of the same person
         other = rng.choice([p for p in NAMES if p != name])
         other_item = rng.choice([i for i in ITEMS if i != item])
@@ -73,7 +92,7 @@ def make_problem(rng: random.Random, cfg: ArithConfig) -> tuple[str, int, list[i
                            f"{name} also has {rng.randint(1, cfg.max_value - 1)} {other_item}."])
         events.insert(rng.randint(0, len(events)), fact)
     question = " ".join([f"{name} has {start} {item}.", *events, f"How many {item} does {name} have?"])
-    return question, start, ops
+    return question, start, ops, story
 
 
 def generate(cfg: ArithConfig) -> tuple[list[Example], list[Example]]:
@@ -81,7 +100,7 @@ def generate(cfg: ArithConfig) -> tuple[list[Example], list[Example]]:
     splits: dict[str, list[Example]] = {"train": [], "test": []}
     for split, count in (("train", cfg.num_train), ("test", cfg.num_test)):
         while len(splits[split]) < count:
-            question, start, ops = make_problem(rng, cfg)
+            question, start, ops, story = make_problem(rng, cfg)
             if question in seen:
                 repeats += 1
                 if repeats > 10 * (cfg.num_train + cfg.num_test):
@@ -89,7 +108,7 @@ def generate(cfg: ArithConfig) -> tuple[list[Example], list[Example]]:
                                      "questions with these knobs (raise max_value or max_steps)")
                 continue
             seen.add(question)
-            cot = cot_for(start, random_valid_order(start, ops, rng))
+            cot = cot_for(start, random_valid_order(start, ops, rng), story)
             answer = str(start + sum(ops))
             splits[split].append(Example(id=f"arith-{split}-{len(splits[split])}", question=question,
                                          answer=answer, cot=cot, raw_cot=cot))

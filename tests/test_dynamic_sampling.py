@@ -1,0 +1,53 @@
+"""Dynamic sampling (loop.min_mixed_groups): a round's questions, and a round on the arith preset that keeps
+sampling fresh questions until it has N mixed groups or has used its cap."""
+import math
+from pathlib import Path
+
+import pytest
+
+from aftray.config import load_config
+from aftray.loop.rounds import round_questions
+
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "arith_cpu.yaml"
+
+
+def _ids(cfg, r, rows):
+    return [row["id"] for row in round_questions(rows, cfg, r)]
+
+
+def test_round_blocks_are_deterministic_and_fresh():
+    rows = [{"id": f"q{i}"} for i in range(100)]
+    off = load_config(PRESET, ["loop.questions_per_round=8"])
+    on = load_config(PRESET, ["loop.questions_per_round=8", "loop.min_mixed_groups=4", "loop.max_oversample=2.5"])
+    for r in (1, 2, 3):
+        assert len(_ids(off, r, rows)) == 8 and len(_ids(on, r, rows)) == 20  # the cap: ceil(8 x 2.5)
+        assert _ids(on, r, rows) == _ids(on, r, rows) and len(set(_ids(on, r, rows))) == 20
+    assert _ids(on, 1, rows)[:8] == _ids(off, 1, rows)  # round 1 starts where it would without the option
+    assert not set(_ids(on, 1, rows)) & set(_ids(on, 2, rows))  # rounds draw disjoint blocks
+    assert len(set(_ids(on, 1, rows[:12]))) == 12  # a block never holds a question twice
+    other_seed = load_config(PRESET, ["seed=1", "loop.questions_per_round=8", "loop.min_mixed_groups=4",
+                                      "loop.max_oversample=2.5"])
+    assert _ids(other_seed, 1, rows) != _ids(on, 1, rows)
+
+
+@pytest.mark.slow
+def test_round_samples_until_mixed_groups_or_cap(tmp_path, ray_local):
+    from aftray.loop.rounds import run_loop
+    from aftray.run.rundir import read_parquet_rows
+
+    need, per_round, cap = 10, 8, 24  # need > per_round: the first batch alone can never be enough
+    cfg = load_config(PRESET, [f"output_dir={tmp_path}", "run_name=dynamic", "task.arith.num_train=400",
+                               "task.num_test=20", "loop.eval_questions=20", "train.vft_steps=30",
+                               "train.steps_per_stage=2", "loop.rounds=1", f"loop.questions_per_round={per_round}",
+                               f"loop.min_mixed_groups={need}", "loop.max_oversample=3", "tracking.enabled=false"])
+    rec = run_loop(cfg)["rounds"][1]
+    samples = read_parquet_rows(cfg.run_dir / "rounds" / "1" / "samples.parquet")
+    ids = [row["id"] for row in samples]
+    n, mixed = rec["num_questions"], rec["rollout_num_mixed_groups"]
+    assert len(ids) == len(set(ids)) == n > per_round  # more questions were sampled, none twice
+    assert set(ids) == set(_ids(cfg, 1, [{"id": f"arith-train-{i}"} for i in range(400)])[:n])  # the block's front
+    assert mixed == sum(any(row["correct"]) and not all(row["correct"]) for row in samples)
+    assert mixed >= need or n == cap
+    assert rec["rollout_mixed_fraction"] == pytest.approx(mixed / n)
+    assert rec["rollout_questions_per_mixed_group"] == (pytest.approx(n / mixed) if mixed else None)
+    assert rec["time_train_s"] > 0 and not math.isnan(rec["train_loss"])
