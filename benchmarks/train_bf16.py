@@ -4,8 +4,8 @@ Runs `train_stage_local` (DeepSpeed, no Ray) once per dtype in this process, on 
 (default: round 1 of the `gsm8k_cpu` preset, written by `make run`), and reports per dtype: tokens/s over steps
 2..N (wall), tokens per CPU-second (far less sensitive to other processes on a shared machine), and the loss
 of every step; then the bf16/fp32 speed ratios and the largest per-step loss difference. bf16 needs no AMX to
-run, but is fast only where the CPU has it (AMX-BF16 on Sapphire Rapids and later). Writes
-benchmarks/results/train_bf16.json.
+run; CPUs speed it up with AMX-BF16 (Intel Sapphire Rapids and later) or AVX512-BF16 dot products (AMD Zen 4,
+Intel Cooper Lake), both recorded. Writes benchmarks/results/train_bf16.json.
 
 Usage: python benchmarks/train_bf16.py [--groups PATH] [--model PATH|HUB_ID] [--steps 6] [--threads 2]
 """
@@ -21,6 +21,15 @@ from pathlib import Path
 from train import RESULTS, throughput  # benchmarks/train.py
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and whether it has the bf16 matrix instructions."""
+    path = Path("/proc/cpuinfo")
+    lines = path.read_text().splitlines() if path.is_file() else []
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[:40])}
+    flags = field.get("flags", "").split()
+    return {"cpu": field.get("model name", platform.processor()), **{f: f in flags for f in ("amx_bf16", "avx512_bf16")}}
 
 
 def main():
@@ -59,8 +68,7 @@ def main():
            "questions_per_step": args.questions_per_step, "lr": args.lr, "arms": arms,
            "bf16_over_fp32": {unit: bf16[unit] / fp32[unit] for unit in ("tokens_per_s", "tokens_per_cpu_s")},
            "max_abs_loss_diff": max(abs(a - b) for a, b in zip(fp32["loss"], bf16["loss"])),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "amx_bf16": "amx_bf16" in Path("/proc/cpuinfo").read_text()}}
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **cpu_info()}}
     print(json.dumps({k: out[k] for k in ("bf16_over_fp32", "max_abs_loss_diff")}))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train_bf16.json").write_text(json.dumps(out, indent=1) + "\n")
