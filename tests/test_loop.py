@@ -98,10 +98,12 @@ def _job_cmd(tmp_path, *extra):
 def test_resume_after_driver_sigkill(tmp_path):
     cmd = _job_cmd(tmp_path, "loop.rounds=2")
     run_dir = tmp_path / "resume"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "first_run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 1200
     while not (run_dir / "rounds" / "1" / "metrics.json").is_file():
-        assert proc.poll() is None, "the job ended before round 1 finished"
+        assert proc.poll() is None, "the job ended before round 1 finished:\n" + log.read_text()[-3000:]
         assert time.time() < deadline, "round 1 did not finish in time"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, between rounds
