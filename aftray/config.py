@@ -94,7 +94,7 @@ class RolloutConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     threads_per_actor: int = 1  # compute threads inside each actor (torch intra-op for hf, OpenMP for vllm)
-    batch_size: int = 8  # questions per map_batches call
+    batch_size: int = 8  # questions per engine call at k samples each (greedy calls take k times as many)
     max_prompt_tokens: int = 512  # longer prompts are left-truncated (counted) or rejected when strict
     strict_prompts: bool = False
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor (placement)
@@ -169,7 +169,8 @@ class LoopConfig:
     questions_per_round: int = 16  # online: fresh slice per round (offline: the whole training set)
     # dynamic sampling (online): while the round has fewer than min_mixed_groups mixed groups (a right and a
     # wrong COT: the groups that give the alignment term a pair), sample more fresh questions, up to
-    # max_oversample x questions_per_round in all. Every sampled group is kept and trained on. 0 = off
+    # max_oversample x questions_per_round in all. Under a pairwise loss the stage trains mixed groups whole and every other group's
+    # reference COT alone (the VFT term; aftray.loop.pipeline says why). 0 = off
     min_mixed_groups: int = 0
     max_oversample: float = 4.0
     eval_questions: int = 50  # held-out questions for greedy accuracy

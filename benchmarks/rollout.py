@@ -1,5 +1,5 @@
 """Rollout speed on SmolLM2-135M: vLLM vs the HF engine, the Ray pool vs the same vLLM engine in-process, weight
-refresh, engine start-up, and vLLM fp32 vs bf16 (speed and log-prob drift). Prints and writes
+refresh (through the pool, and in-process against vLLM's own reload alone), engine start-up, and vLLM fp32 vs bf16 (speed and log-prob drift). Prints and writes
 benchmarks/results/rollout.json.
 
 Every comparison gets the same prompts, k and per-question seeds, so the engines sample like for like; runs
@@ -12,7 +12,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +26,7 @@ from aftray.config import ModelConfig, RolloutConfig, TaskConfig
 from aftray.models import load_model, load_tokenizer, resolve_model_path
 from aftray.rollout import RolloutPool, SamplingParams, derive_seed, question_rows
 from aftray.rollout.pool import make_engine
+from aftray.rollout.vllm_engine import _stage_lm_head
 from aftray.tasks import load_task
 
 ROUND = 1
@@ -134,6 +137,22 @@ def main() -> None:
     reference = runs["vllm_fp32"]
     engines.pop("hf")
     engines.pop("vllm_bf16").close()
+
+    # 3a. refresh from a checkpoint folder in this process: the engine's load_weights (checks, staging in
+    # /dev/shm, reload, prefix-cache reset) against vLLM's reload_weights alone on a folder staged beforehand
+    engine, ours, bare = engines["vllm_fp32"], [], []
+    staged = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    for f in path.glob("*.safetensors"):
+        (staged / f.name).symlink_to(f.absolute())
+    _stage_lm_head(path, staged, engine.tied_embed)
+    for i in range(args.repeats):
+        ours.append(timed(engine.load_weights, path, 100 + i)[1])
+        bare.append(timed(engine.llm.collective_rpc, "reload_weights", None, (), {"weights_path": str(staged)})[1])
+    shutil.rmtree(staged)
+    results["refresh_in_process_s"] = {"engine_load_weights": round(statistics.median(ours), 3),
+                                       "vllm_reload_weights_alone": round(statistics.median(bare), 3),
+                                       "all_engine_load_weights": [round(s, 3) for s in ours],
+                                       "all_vllm_reload_weights_alone": [round(s, 3) for s in bare]}
 
     # 3. the Ray pool (1 actor) vs the same vLLM engine in this process, alternating
     pool, startup["pool_vllm_fp32"] = timed(RolloutPool, replace(cfg, num_actors=1), path)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from aftray.config import load_config
-from aftray.loop.rounds import round_questions
+from aftray.loop.rounds import mixed_or_reference, round_questions
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "arith_cpu.yaml"
 
@@ -29,6 +29,17 @@ def test_round_blocks_are_deterministic_and_fresh():
                                       "loop.max_oversample=2.5"])
     assert _ids(other_seed, 1, rows) != _ids(on, 1, rows)
 
+
+def test_training_rows_keep_mixed_groups_whole_and_references_of_the_rest():
+    def group(i, correct):
+        return {"id": f"q{i}", "prompt_ids": [1], "ref_cot_ids": [2, 3], "cot_ids": [[4]] * len(correct),
+                "sample_logp": [-1.0] * len(correct), "correct": correct, "rank": [1] * len(correct)}
+
+    groups = [group(0, [True, False]), group(1, [True, True]), group(2, [False, False, False])]
+    rows = mixed_or_reference(groups)
+    assert rows[0] == groups[0]
+    for row, g in zip(rows[1:], groups[1:]):
+        assert row["ref_cot_ids"] == g["ref_cot_ids"] and row["cot_ids"] == row["correct"] == row["rank"] == []
 
 @pytest.mark.slow
 def test_round_samples_until_mixed_groups_or_cap(tmp_path, ray_local):

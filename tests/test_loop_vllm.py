@@ -52,10 +52,18 @@ def test_arith_cpu_on_vllm(tmp_path, ray_local):
 
 
 def test_gsm8k_cpu_on_vllm(tmp_path, ray_local):
-    summary, run_dir = run_preset(tmp_path, "gsm8k_cpu.yaml", "run_name=gsm8k_vllm", "loop.eval_questions=6",
-                                  "loop.questions_per_round=3", "train.steps_per_stage=1",
-                                  "train.questions_per_step=3", "rollout.max_new_tokens=64")
+    """The `make run` preset cut down (the pipeline, not the gain): SmolLM2, dynamic sampling, eval, plots."""
+    summary, run_dir = run_preset(tmp_path, "gsm8k_cpu.yaml", "run_name=gsm8k_vllm", "loop.eval_questions=8",
+                                  "loop.assessment_questions=4", "loop.questions_per_round=4",
+                                  "loop.min_mixed_groups=2", "train.steps_per_stage=1",
+                                  "train.questions_per_step=2", "rollout.max_new_tokens=48")
     assert summary["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     for r in (1, 2):  # measured 9e-6 mean, 4.5e-5 max per token
-        assert summary["rounds"][r]["train_logp_drift_mean"] < 1e-3
+        rec = summary["rounds"][r]
+        assert rec["train_logp_drift_mean"] < 1e-3
+        assert rec["num_eval_questions"] == 8 and rec["accuracy_se"] >= 0
+        assert 4 <= rec["num_questions"] <= 8  # dynamic sampling: up to max_oversample x questions_per_round
+        assert 0 <= rec["rollout_mixed_fraction"] <= 1
     assert (run_dir / "rounds" / "2" / "checkpoint" / "model.safetensors").is_file()
+    assert {p.name for p in (run_dir / "plots").glob("*.png")} == {"accuracy.png", "scores.png",
+                                                                   "phase_times.png", "logp_drift.png"}

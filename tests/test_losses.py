@@ -443,6 +443,25 @@ def test_vft_stage_batch_without_samples():
         assert loss.item() == pytest.approx(3.0) and metrics["groups_no_pairs"] == 2, name
 
 
+@pytest.mark.parametrize("name", sorted(L.OBJECTIVES))
+def test_needs_pairs_means_unpaired_samples_change_nothing(name):
+    """What dynamic sampling relies on (rounds.mixed_or_reference): under a pairwise loss the samples of an
+    all-right or all-wrong group can be left out and the loss stays the same; under the others they count."""
+    batch = _scored(torch.Generator().manual_seed(8))
+    batch.positive[2] = False  # group 0 mixed, group 1 all right, group 2 all wrong, group 3 drawn at random
+    batch.positive[3] = batch.mask[3] & (torch.arange(batch.mask.shape[1]) == 0)
+    unpaired = ~(batch.positive.any(1) & (batch.mask & ~batch.positive).any(1))
+    cut = dataclasses.replace(batch, mask=batch.mask & ~unpaired[:, None])
+    cfg = LossConfig(name=name)
+    full, left = (L.OBJECTIVES[name](cfg, b)[0].item() for b in (batch, cut))
+    assert L.needs_pairs(cfg) == (name in L.PAIRWISE)
+    if L.needs_pairs(cfg):
+        assert left == pytest.approx(full, rel=1e-6)
+    elif name != "vft":  # vft reads no samples at all
+        assert left != pytest.approx(full, rel=1e-6)
+    assert not L.needs_pairs(LossConfig(name="aft_bc", vft_on_positives=True))
+
+
 def test_sequences_needed():
     assert L.sequences_needed(LossConfig(name="vft")) == (True, False)
     assert L.sequences_needed(LossConfig(name="vft", vft_on_positives=True)) == (True, True)

@@ -182,6 +182,10 @@ def test_pool_groups(tiny_pool, tiny_rows, task):
     assert metrics["truncated_prompts"] == sum(len(r["prompt_ids"]) > MAX_PROMPT for r in tiny_rows) > 0
     assert metrics["rollout_tokens"] > 0 and metrics["rollout_tokens_per_s"] > 0
     assert metrics["time_verify_s"] > 0
+    # an engine call holds batch_size questions at k samples each, or k times as many at one (greedy eval)
+    assert metrics["num_batches"] == -(-len(tiny_rows) // 2)
+    groups_by_id(tiny_pool, tiny_rows, 13, task.answer_kind, params=GREEDY)
+    assert tiny_pool.metrics(13)["num_batches"] == 1
     # sample_logp is the COT's T = 1 log-prob under the weights that sampled it
     g = groups[tiny_rows[0]["id"]]
     scores = tiny_pool.score([g["prompt_ids"]] * len(g["cots"]), g["cot_ids"])

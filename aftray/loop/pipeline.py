@@ -5,8 +5,11 @@ writing overlap. Verify's seconds land in the pool's round stats (`time_verify_s
 Dynamic sampling (`sample_round` with `loop.min_mixed_groups`): a group whose COTs are all right or all wrong
 gives the alignment term no pair, so a round keeps sampling fresh questions until it has enough mixed groups, or
 has used its questions (`loop.max_oversample` x `loop.questions_per_round`), as verl, OpenRLHF and DAPO do.
-Unlike them it keeps every group: AFT's VFT term learns each group's reference COT, and losses such as RFT learn
-from all-right groups."""
+They then drop the other groups; here samples.parquet keeps every group. Under a pairwise loss (AFT, DPO, ORPO:
+`losses.needs_pairs`) the stage trains each other group's reference COT alone (`rounds.mixed_or_reference`):
+AFT's VFT term learns from every question, while samples without a pair, which would cost k forward and
+backward passes each and add nothing to the loss, are left out. Losses that learn from such groups (RFT from
+all-right ones, the ranked losses from rank levels) train on every group whole."""
 from __future__ import annotations
 
 import math

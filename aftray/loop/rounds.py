@@ -33,6 +33,7 @@ from aftray.run.plots import plot_run
 from aftray.run.rundir import RunDir, write_summary
 from aftray.run.tracking import Tracker, mlflow_name
 from aftray.tasks import load_task
+from aftray.train.losses import needs_pairs
 from aftray.train.service import TrainService
 
 log = logging.getLogger("aftray")
@@ -52,13 +53,20 @@ def round_questions(rows: list[dict], cfg: Config, r: int) -> list[dict]:
     return [rows[order[(i + (r - 1) * n) % len(rows)]] for i in range(min(n, len(rows)))]
 
 
+NO_SAMPLES = {"cots": [], "cot_ids": [], "sample_logp": [], "sample_token_logp": [], "finish_reasons": [],
+              "pred": [], "labels": [], "correct": [], "process": [], "rank": [], "counts": []}
+
+
 def vft_rows(rows: list[dict]) -> list[dict]:
     """Question rows as group rows without samples: the VFT stage learns their reference COTs."""
-    empty = {"cots": [], "cot_ids": [], "sample_logp": [], "sample_token_logp": [], "finish_reasons": [],
-             "pred": [], "labels": [], "correct": [], "process": [], "rank": [], "counts": [], "num_sampled": 0,
-             "weights_version": 0}
-    return [{**{k: row[k] for k in ("id", "prompt", "prompt_ids", "answer", "ref_cot", "ref_cot_ids")}, **empty}
-            for row in rows]
+    return [{**{k: row[k] for k in ("id", "prompt", "prompt_ids", "answer", "ref_cot", "ref_cot_ids")},
+             **NO_SAMPLES, "num_sampled": 0, "weights_version": 0} for row in rows]
+
+
+def mixed_or_reference(groups: list[dict]) -> list[dict]:
+    """Dynamic sampling's training rows: a mixed group whole, any other group with its reference COT alone (for
+    the VFT term). Its samples would give the alignment term no pair, yet cost k forward and backward passes."""
+    return [g if any(g["correct"]) and not all(g["correct"]) else {**g, **NO_SAMPLES} for g in groups]
 
 
 class Run:
@@ -115,7 +123,12 @@ class Run:
                 "rollout_tokens": stats["rollout_tokens"], "truncated_prompts": stats["truncated_prompts"]}
 
     def train(self, r: int, stage: str = "align") -> dict:
-        groups = vft_rows(self.train_rows) if stage == "vft" else self.dir.samples_path(r)
+        if stage == "vft":
+            groups = vft_rows(self.train_rows)
+        else:
+            # dynamic sampling oversamples to find mixed groups; the others' samples add nothing to a pairwise loss
+            groups = mixed_or_reference(self.dir.read_samples(r)) if self.cfg.loop.min_mixed_groups and \
+                needs_pairs(self.cfg.loss) else self.dir.samples_path(r)
         start = time.perf_counter()
         result = self.trainer.train(stage, groups, self.weights, self.dir.round_dir(r), self.cfg.train,
                                     self.cfg.loss, trust_remote_code=self.cfg.model.trust_remote_code)

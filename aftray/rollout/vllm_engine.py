@@ -140,15 +140,30 @@ class VLLMEngine(Engine):
         return [[_completion(o) for o in out.outputs] for out in outputs]
 
     def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]]) -> list[float]:
-        import vllm
-        from vllm.inputs import TokensPrompt
-
-        sampling = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
-        prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, cot_ids, strict=True)]
-        outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
+        sequences = [p + c for p, c in zip(prompt_ids, cot_ids, strict=True)]
+        outputs = self._prompt_logprobs(sequences, from_cache=True)
+        # a hit may reach into the COT (its first tokens were cached by the same weights' rollout): those
+        # positions' log-probs are left unset, so such a COT is scored again without the cache
+        again = [i for i, (out, p) in enumerate(zip(outputs, prompt_ids)) if (out.num_cached_tokens or 0) >= len(p)]
+        for i, out in zip(again, self._prompt_logprobs([sequences[i] for i in again], from_cache=False)):
+            outputs[i] = out
         # prompt_logprobs[j]: {token id: Logprob} of prompt token j (None for j = 0)
         return [sum(out.prompt_logprobs[len(p) + i][t].logprob for i, t in enumerate(c))
                 for out, p, c in zip(outputs, prompt_ids, cot_ids, strict=True)]
+
+    def _prompt_logprobs(self, sequences: list[list[int]], from_cache: bool) -> list:
+        """One forward pass over each sequence, with the log-prob of every token after the first. from_cache:
+        positions whose KV blocks are in the prefix cache (a prompt rollout or evaluation just ran, say) are
+        not recomputed and get no log-prob (vLLM skips the cache for prompt log-probs unless told otherwise);
+        their token ids are unset too, hence no detokenizing (which would also cost a decode per position)."""
+        import vllm
+        from vllm.inputs import TokensPrompt
+
+        if not sequences:
+            return []
+        sampling = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False,
+                                       skip_reading_prefix_cache=not from_cache)
+        return self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], sampling, use_tqdm=False)
 
     def update_weights(self, state_dict: dict, version: int) -> None:
         from safetensors.torch import save_file

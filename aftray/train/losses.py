@@ -404,6 +404,16 @@ OBJECTIVES = {
 }
 
 
+# the objectives that read a group's sampled COTs only through its (positive, negative) pairs
+PAIRWISE = ("aft_dc", "aft_bc", "align_none", "dpo", "dpo_bc", "orpo", "orpo_bc")
+
+
+def needs_pairs(cfg: LossConfig) -> bool:
+    """Whether a group whose COTs are all right or all wrong adds only its reference COT (L_VFT) to the loss:
+    its samples can then be left out of training without changing the loss (rounds.mixed_or_reference)."""
+    return cfg.name in PAIRWISE and not cfg.vft_on_positives
+
+
 def sequences_needed(cfg: LossConfig) -> tuple[bool, bool]:
     """(reference COT, sampled COTs): the sequences `OBJECTIVES[cfg.name]` reads; collate skips the rest."""
     return cfg.vft_weight > 0, cfg.name != "vft" or cfg.vft_on_positives
