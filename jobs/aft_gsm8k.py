@@ -3,8 +3,9 @@
     python jobs/aft_gsm8k.py [--config PATH] [key=value ...]
     ray job submit --working-dir . -- python jobs/aft_gsm8k.py --config configs/gsm8k_gpu.yaml
 
-Without --config it picks the GPU preset when GPUs and vLLM are present, else configs/gsm8k_cpu.yaml. Under
-`ray job submit` it joins the cluster it was submitted to.
+Without --config it picks the GPU preset when GPUs and vLLM are present (GSM8K itself), else
+configs/gsm8k_cpu.yaml (generated word problems in GSM8K's format, which SmolLM2-135M half-solves: the preset
+says why). Under `ray job submit` it joins the cluster it was submitted to.
 """
 import argparse
 import sys
