@@ -169,8 +169,8 @@ class LoopConfig:
     questions_per_round: int = 16  # online: fresh slice per round (offline: the whole training set)
     # dynamic sampling (online): while the round has fewer than min_mixed_groups mixed groups (a right and a
     # wrong COT: the groups that give the alignment term a pair), sample more fresh questions, up to
-    # max_oversample x questions_per_round in all. Under a pairwise loss the stage trains mixed groups whole and every other group's
-    # reference COT alone (the VFT term; aftray.loop.pipeline says why). 0 = off
+    # max_oversample x questions_per_round in all. Under a pairwise loss the stage trains mixed groups whole and
+    # every other group's reference COT alone (the VFT term; aftray.loop.pipeline says why). 0 = off
     min_mixed_groups: int = 0
     max_oversample: float = 4.0
     eval_questions: int = 50  # held-out questions for greedy accuracy

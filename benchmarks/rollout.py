@@ -1,6 +1,6 @@
 """Rollout speed on SmolLM2-135M: vLLM vs the HF engine, the Ray pool vs the same vLLM engine in-process, weight
-refresh (through the pool, and in-process against vLLM's own reload alone), engine start-up, and vLLM fp32 vs bf16 (speed and log-prob drift). Prints and writes
-benchmarks/results/rollout.json.
+refresh (through the pool, and in-process against vLLM's own reload alone), engine start-up, and vLLM fp32 vs
+bf16 (speed and log-prob drift). Prints and writes benchmarks/results/rollout.json.
 
 Every comparison gets the same prompts, k and per-question seeds, so the engines sample like for like; runs
 alternate and repeat (`--repeats`), and ratios are medians of per-repeat ratios, since load from other processes

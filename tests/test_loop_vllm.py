@@ -58,12 +58,16 @@ def test_gsm8k_cpu_on_vllm(tmp_path, ray_local):
                                   "loop.min_mixed_groups=2", "train.steps_per_stage=1",
                                   "train.questions_per_step=2", "rollout.max_new_tokens=48")
     assert summary["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    for r in (1, 2):  # measured 9e-6 mean, 4.5e-5 max per token
+    for r in (1, 2):
         rec = summary["rounds"][r]
-        assert rec["train_logp_drift_mean"] < 1e-3
+        # the drift is measured on the sampled COTs the stage trains: under dynamic sampling those of mixed groups
+        # (measured 3.8e-6 mean per token in round 2; round 1 had no mixed group, so no sampled COT to train)
+        assert ("train_logp_drift_mean" in rec) == (rec["rollout_num_mixed_groups"] > 0)
+        assert rec.get("train_logp_drift_mean", 0.0) < 1e-3
         assert rec["num_eval_questions"] == 8 and rec["accuracy_se"] >= 0
         assert 4 <= rec["num_questions"] <= 8  # dynamic sampling: up to max_oversample x questions_per_round
         assert 0 <= rec["rollout_mixed_fraction"] <= 1
+    assert any(summary["rounds"][r]["rollout_num_mixed_groups"] for r in (1, 2))
     assert (run_dir / "rounds" / "2" / "checkpoint" / "model.safetensors").is_file()
     assert {p.name for p in (run_dir / "plots").glob("*.png")} == {"accuracy.png", "scores.png",
                                                                    "phase_times.png", "logp_drift.png"}

@@ -142,9 +142,10 @@ class VLLMEngine(Engine):
     def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]]) -> list[float]:
         sequences = [p + c for p, c in zip(prompt_ids, cot_ids, strict=True)]
         outputs = self._prompt_logprobs(sequences, from_cache=True)
-        # a hit may reach into the COT (its first tokens were cached by the same weights' rollout): those
-        # positions' log-probs are left unset, so such a COT is scored again without the cache
-        again = [i for i, (out, p) in enumerate(zip(outputs, prompt_ids)) if (out.num_cached_tokens or 0) >= len(p)]
+        # a hit may reach into the COT (the same weights sampled or scored it before): those positions' log-probs
+        # are left unset, so such a COT is scored again without the cache
+        again = [i for i, (out, p) in enumerate(zip(outputs, prompt_ids))
+                 if (out.num_cached_tokens or 0) >= len(p)]
         for i, out in zip(again, self._prompt_logprobs([sequences[i] for i in again], from_cache=False)):
             outputs[i] = out
         # prompt_logprobs[j]: {token id: Logprob} of prompt token j (None for j = 0)

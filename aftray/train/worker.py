@@ -199,10 +199,14 @@ def run_stage(job: StageJob, device: torch.device, resume=None) -> dict:
 
 def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job: StageJob, pad_id: int,
                      device: torch.device) -> dict:
-    """Sampler↔trainer log-prob drift on the first step's groups, before any update: {"mean", "max",
-    "tokens"} over all ranks, or {} when the stage's rows carry no sampled COTs (a VFT stage)."""
+    """Sampler↔trainer log-prob drift before any update, on the first step's worth of the stage's rows that carry
+    sampled COTs (under dynamic sampling some rows train their reference COT alone): {"mean", "max", "tokens"}
+    over all ranks, or {} when no row has any (a VFT stage)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = step_groups(groups, 0, per_step, job.train.seed)[rank::world]
+    sampled = [g for g in groups if len(g.get("sample_token_logp", ()))]  # the same rows on every rank
+    if not sampled:
+        return {}
+    mine = step_groups(sampled, 0, per_step, job.train.seed)[rank::world]
     diffs = []
     for i in range(accum):  # the training step's micro-batches: same count on every rank (ZeRO-3 gathers)
         rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
