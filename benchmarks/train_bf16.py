@@ -3,9 +3,9 @@
 Runs `train_stage_local` (DeepSpeed, no Ray) once per dtype, each in a child process, on the group rows of a
 real round (default: round 2 of the `gsm8k_cpu` preset, written by `make run`), and reports per dtype: tokens/s
 over steps 2..N (wall), tokens per CPU-second (far less sensitive to other processes on a shared machine), and
-the loss of every step; then the bf16/fp32 speed ratios and the largest per-step loss difference. bf16 needs no AMX to
-run; CPUs speed it up with AMX-BF16 (Intel Sapphire Rapids and later) or AVX512-BF16 dot products (AMD Zen 4,
-Intel Cooper Lake), both recorded. Writes benchmarks/results/train_bf16.json.
+the loss of every step; then the bf16/fp32 speed ratios and the largest per-step loss difference. bf16 needs no
+AMX to run; CPUs speed it up with AMX-BF16 (Intel Sapphire Rapids and later) or AVX512-BF16 dot products (AMD
+Zen 4, Intel Cooper Lake), both recorded. Writes benchmarks/results/train_bf16.json.
 
 Usage: python benchmarks/train_bf16.py [--groups PATH] [--model PATH|HUB_ID] [--steps 6] [--threads 2]
 """

@@ -41,6 +41,7 @@ def test_training_rows_keep_mixed_groups_whole_and_references_of_the_rest():
     for row, g in zip(rows[1:], groups[1:]):
         assert row["ref_cot_ids"] == g["ref_cot_ids"] and row["cot_ids"] == row["correct"] == row["rank"] == []
 
+
 @pytest.mark.slow
 def test_round_samples_until_mixed_groups_or_cap(tmp_path, ray_local):
     from aftray.loop.rounds import run_loop
