@@ -1,4 +1,5 @@
 """Config: presets + overrides build typed sections; bad keys, types and values fail early, naming the key."""
+import importlib.util
 import time
 
 import pytest
@@ -39,6 +40,7 @@ def test_yaml_file_then_overrides(tmp_path):
     ("train.steps_per_round=4", "train.steps_per_round was renamed to train.steps_per_stage"),
     ("loss.beta=0.1", "loss.beta was renamed to loss.bc_margin"),
     ("loop.eval_k=4", "loop.eval_k was removed"),
+    ("rollout.cpu_cores=0-", "rollout.cpu_cores: expected 'auto', null or a core list"),
 ])
 def test_bad_values_name_the_key(override, message):
     start = time.monotonic()
@@ -76,3 +78,14 @@ def test_round_trip_and_flatten(tmp_path):
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_pinned_samplers_are_refused_beside_overlapping_trainers():
+    """With loop.overlap a CPU node samples while it trains: auto would pin the samplers onto the trainers' cores."""
+    vllm_cpu = ["task.name=gsm8k", "rollout.engine=vllm", "loop.overlap=true"]
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (engine=vllm fails validation first)")
+    with pytest.raises(ConfigError, match="rollout.cpu_cores: expected null or cores the train workers do not use"):
+        load_config(None, vllm_cpu)
+    assert load_config(None, vllm_cpu + ["rollout.cpu_cores=null"]).rollout.cpu_cores is None
+    assert load_config(None, vllm_cpu + ["rollout.gpus_per_actor=1"]).rollout.cpu_cores == "auto"  # GPU samplers

@@ -84,6 +84,35 @@ def test_truncation_is_from_the_left_and_counted():
         truncate_prompts(prompts, ["a", "b"], 4, strict=True)
 
 
+def test_cores_are_claimed_once_and_freed_when_the_holder_dies():
+    """rollout.cpu_cores=auto: each engine pins its OpenMP threads to cores no other engine holds; a killed
+    actor's cores are free again for its restart."""
+    import subprocess
+    import sys
+
+    from aftray.rollout.vllm_engine import claim_cores
+
+    n = len(os.sched_getaffinity(0))
+    first, locks = claim_cores(1)
+    assert first == [min(os.sched_getaffinity(0))]
+    second, more = claim_cores(n - 1)  # the rest, not the one held
+    assert sorted(first + second) == sorted(os.sched_getaffinity(0))
+    assert claim_cores(1) == ([], [])  # none left
+    for f in locks + more:
+        f.close()
+    holder = subprocess.Popen([sys.executable, "-c", "from aftray.rollout.vllm_engine import claim_cores; "
+                               f"c, l = claim_cores({n}); print(c, flush=True); import time; time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == str(sorted(os.sched_getaffinity(0)))
+    assert claim_cores(1) == ([], [])  # held by another process
+    holder.kill()
+    holder.wait()
+    again, locks = claim_cores(n)
+    assert again == sorted(os.sched_getaffinity(0))
+    for f in locks:
+        f.close()
+
+
 def test_seeds_are_stable_across_processes():
     # sha256-based, not hash(): a restarted or other actor derives the same seed
     assert derive_seed(0, 1, "gsm8k-test-1") == derive_seed(0, 1, "gsm8k-test-1") == 1581215692

@@ -73,6 +73,9 @@ class Engine(ABC):
     def load_weights(self, path: str | Path, version: int) -> None:
         """Load the safetensors of an HF checkpoint folder in place (no engine restart)."""
 
+    def close(self) -> None:
+        """Free what outlives the object's memory (processes, pinned cores); nothing for an in-process model."""
+
 
 def per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):

@@ -107,6 +107,9 @@ class EngineActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def close(self) -> None:
+        self.engine.close()
+
     def sync(self, weights: Weights) -> None:
         """Load `weights` unless already held."""
         if self.engine.version == weights.version:
@@ -293,5 +296,10 @@ class RolloutPool:
         return ray.get(self.router.metrics.remote(round))
 
     def shutdown(self) -> None:
+        # engines free their cores first: the next pool's actors may start before these processes are gone
+        try:
+            ray.get([e.close.remote() for e in self._engines], timeout=60)
+        except ray.exceptions.RayError as e:  # a dead or hung engine: killed below all the same
+            log.warning("rollout: an engine did not close (%s); killing it", type(e).__name__)
         for actor in [self.router, *self._engines]:
             ray.kill(actor)
