@@ -4,7 +4,16 @@
         --arms vft_continued,rft,aft_bc --seeds 0,1,2 --out runs/compare [key=value ...]
 
 Writes <out>/comparison.json, comparison.md and plots/, and logs one MLflow parent run with a child run per arm
-and seed. `--results-md docs/results.md` also refreshes the generated part of that page.
+and seed. `--results-md docs/results.md` also refreshes the generated part of that page; with
+`--results-section NAME`, its own section (markers `<!-- generated:NAME:start/end -->`, assets in
+docs/results/NAME/), so one page holds several experiments.
+
+At a power that settles it: seeds spread over several generated tasks (arith only; seed i runs on task seed
+i mod their number, each task seed with its own VFT base), and contrasts between two arms, paired by seed with
+their standard errors (every arm vs VFT-continued and aft_bc vs rft are always there; `--contrast` adds more):
+
+    python jobs/compare_losses.py --arms vft_continued,rft,aft_bc --seeds 0,1,2,3,4,5 --task-seeds 0,1,2 \
+        --contrast aft_bc:aft_dc --out runs/compare_tasks --results-md docs/results.md --results-section tasks
 
 A shared hyper-parameter grid (every arm runs at every setting; docs/results.md reports how it was used):
 
@@ -20,24 +29,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aftray.run.console import quiet_ray_data, setup_logging  # noqa: E402
 
 
+def int_list(text: str) -> list[int]:
+    return [int(s) for s in text.split(",")]
+
+
 def main() -> int:
     setup_logging()  # before Ray is imported: it reads the log settings then
     from aftray.experiments.compare import ARMS, PAPER_ARMS, run_comparison
-    from aftray.experiments.report import update_results_page
+    from aftray.experiments.report import markers, update_results_page
 
     quiet_ray_data()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/arith_compare.yaml")
     parser.add_argument("--arms", default=",".join(PAPER_ARMS), help=f"comma list of: {', '.join(ARMS)}")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", type=int_list, default="0,1,2")
+    parser.add_argument("--task-seeds", type=int_list,
+                        help="spread the seeds over these task.arith.seed values (default: the preset's task)")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--base-per-seed", action="store_true",
-                        help="train a VFT base per seed (default: one base shared by all seeds, as in the paper)")
+                        help="train a VFT base per seed (default: one base shared by all seeds of a task seed, "
+                             "as in the paper)")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="run every arm at each value (repeatable: the cartesian product)")
     parser.add_argument("--bases", help="folder of the VFT base runs (default: --out), to share them")
-    parser.add_argument("--base-seed", type=int, help="the shared base's seed (default: the first seed)")
+    parser.add_argument("--base-seed", type=int, help="the shared bases' seed (default: the first seed)")
+    parser.add_argument("--contrast", action="append", default=[], metavar="A:B",
+                        help="also report arm A minus arm B, paired by seed (repeatable)")
     parser.add_argument("--results-md", help="refresh the generated section of this markdown page")
+    parser.add_argument("--results-section", metavar="NAME",
+                        help="the page's section NAME (default: its unnamed section)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     grid = {}
@@ -46,11 +66,21 @@ def main() -> int:
         if not sep or not values:
             parser.error(f"--grid {item!r}: expected KEY=V1,V2,...")
         grid[key] = values.split(",")
-    result = run_comparison(args.config, args.arms.split(","), [int(s) for s in args.seeds.split(",")], args.out,
-                            args.overrides, shared_base=not args.base_per_seed, grid=grid,
-                            bases_dir=args.bases, base_seed=args.base_seed)
+    contrasts = [tuple(item.split(":")) for item in args.contrast]
+    if any(len(c) != 2 or not all(c) for c in contrasts):
+        parser.error(f"--contrast {args.contrast}: expected A:B, two arms")
+    if args.results_section and not args.results_md:
+        parser.error("--results-section needs --results-md")
+    try:
+        markers(args.results_section)  # a bad name fails now, not after the runs
+    except ValueError as e:
+        parser.error(str(e))
+    result = run_comparison(args.config, args.arms.split(","), args.seeds, args.out, args.overrides,
+                            shared_base=not args.base_per_seed, grid=grid, bases_dir=args.bases,
+                            base_seed=args.base_seed, task_seeds=args.task_seeds, contrasts=contrasts)
     if args.results_md:
-        update_results_page(result, Path(args.out), Path(args.results_md), " ".join(["python", *sys.argv]))
+        update_results_page(result, Path(args.out), Path(args.results_md), " ".join(["python", *sys.argv]),
+                            args.results_section)
     return 0
 
 

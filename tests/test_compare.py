@@ -1,13 +1,15 @@
-"""The loss-comparison harness: aggregation over seeds (fast), and a reduced comparison end to end (slow: 2 arms,
-1 seed) that checks the harness, not the effect."""
+"""The loss-comparison harness: aggregation over seeds, paired statistics, task seeds, the results page (fast), and a
+reduced comparison end to end (slow: 2 arms, 1 seed) that checks the harness, not the effect."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from aftray.experiments.compare import aggregate, markdown_table, run_comparison
-from aftray.experiments.report import END, START, update_results_page
-from test_loop import PRESET, SMALL
+from aftray.experiments.compare import (_tag, aggregate, markdown_table, paired_difference, run_comparison,
+                                        task_seed_of)
+from aftray.experiments.report import END, START, markers, update_results_page
+from test_loop import PRESET, REPO, SMALL
 
 
 def _summary(accs: list[float], s_neg: float = -1.0) -> dict:
@@ -32,10 +34,112 @@ def test_aggregate_means_stds_and_paired_deltas():
 
 def test_markdown_table_one_row_per_arm():
     runs = {"vft_continued": {0: _summary([0.2, 0.3])}, "rft": {0: _summary([0.2, 0.25])}}
-    result = {**aggregate(runs, rounds=1), "seeds": [0]}
-    rows = [line for line in markdown_table(result).splitlines() if line.startswith("| ")]
+    result = {**aggregate(runs, rounds=1), "seeds": [0], "task_seeds": None}
+    arm_table = markdown_table(result).split("\n\n")[1]
+    rows = [line for line in arm_table.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows] == ["arm", "vft_continued", "rft"]
     assert "| 25.0 ± 0.0 | -5.0 ± 0.0 |" in rows[2]  # accuracy and Δ vs VFT-continued, in points
+
+
+# final accuracies of 3 seeds: aft_bc - vft_continued = 1, 2, 3 points; rft - vft = 0, 1, 3; aft_bc - rft = 1, 1, 0
+THREE_SEEDS = {"vft_continued": {s: _summary([0.2, 0.30]) for s in range(3)},
+               "rft": {s: _summary([0.2, a]) for s, a in enumerate((0.30, 0.31, 0.33))},
+               "aft_bc": {s: _summary([0.2, a]) for s, a in enumerate((0.31, 0.32, 0.33))}}
+
+
+def test_seeds_spread_over_task_seeds_in_the_order_given():
+    assert task_seed_of([5, 3, 8, 1, 2], [0, 1]) == {5: 0, 3: 1, 8: 0, 1: 1, 2: 0}
+    assert task_seed_of([0, 1], None) == {0: None, 1: None}
+    assert (_tag(1, 3), _tag(None, 3)) == ("t1_s3", "s3")  # without task seeds: the names of old run folders
+
+
+def test_paired_differences_have_standard_errors_and_contrasts():
+    out = aggregate(THREE_SEEDS, rounds=1, contrasts=[("rft", "aft_bc"), ("aft_bc", "rft")])
+    delta = out["arms"]["aft_bc"]["delta_accuracy_vs_vft_continued"]
+    assert (delta["mean"], delta["std"], delta["se"], delta["n"]) == pytest.approx((0.02, 0.01, 0.01 / 3 ** 0.5, 3))
+    # every arm vs the control, the default aft_bc vs rft, then the asked one; aft_bc vs rft only once
+    assert list(out["contrasts"]) == ["rft - vft_continued", "aft_bc - vft_continued", "aft_bc - rft", "rft - aft_bc"]
+    assert out["contrasts"]["aft_bc - vft_continued"] == delta
+    bc_rft = out["contrasts"]["aft_bc - rft"]
+    assert (bc_rft["mean"], bc_rft["se"], bc_rft["ratio"]) == pytest.approx((0.02 / 3, 0.01 / 3, 2.0))
+    assert not bc_rft["resolved"] and delta["resolved"]  # 2 SE; 2 * sqrt(3) = 3.46 SE
+    assert out["contrasts"]["rft - aft_bc"]["mean"] == pytest.approx(-0.02 / 3)
+
+
+@pytest.mark.parametrize("ratio, resolved", [(2.99, False), (3.01, True)])
+def test_resolved_flips_at_three_standard_errors(ratio, resolved):
+    mean = ratio * 0.01 / 3 ** 0.5  # differences mean - 0.01, mean, mean + 0.01: std 0.01, SE 0.01 / sqrt(3)
+    diff = paired_difference([mean - 0.01, mean, mean + 0.01])
+    assert diff["ratio"] == pytest.approx(ratio) and diff["resolved"] is resolved
+    assert paired_difference([-mean - 0.01, -mean, -mean + 0.01])["resolved"] is resolved  # either sign
+
+
+def test_no_standard_error_means_no_ratio():
+    for diffs in ([0.05], [0.02, 0.02]):  # one seed; identical differences
+        assert paired_difference(diffs)["ratio"] is None and not paired_difference(diffs)["resolved"]
+
+
+def test_markdown_has_the_contrast_table():
+    result = {**aggregate(THREE_SEEDS, rounds=1), "seeds": [0, 1, 2], "task_seeds": [0, 1, 2]}
+    text = markdown_table(result)
+    assert "over 3 seeds (0, 1, 2) on task seeds 0, 1, 2" in text and "mean ± standard error" in text
+    assert "| aft_bc | 32.0 ± 1.0 | 2.0 ± 0.6 |" in text  # Δ ± SE
+    assert "| contrast | Δ accuracy (points) | SE | Δ/SE | seeds | resolved (≥ 3 SE) |" in text
+    assert "| aft_bc - vft_continued | +2.0 | 0.6 | 3.5 | 3 | yes |" in text
+    assert "| aft_bc - rft | +0.7 | 0.3 | 2.0 | 3 | no |" in text
+
+
+def _report_inputs(tmp_path, name: str) -> tuple[dict, Path]:
+    out = tmp_path / name
+    (out / "plots").mkdir(parents=True)
+    (out / "comparison.json").write_text(json.dumps({"name": name}))
+    (out / "plots" / "accuracy.png").write_bytes(name.encode())
+    result = {**aggregate(THREE_SEEDS, rounds=1), "seeds": [0, 1, 2], "task_seeds": [0, 1], "preset": "p.yaml",
+              "overrides": [], "arm_names": list(THREE_SEEDS), "versions": {"torch": "x"}, "runs_time_s": 60.0,
+              "wall_time_s": 60.0}
+    return result, out
+
+
+def _between(text: str, section: str | None) -> str:
+    start, end = markers(section)
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_results_page_holds_one_section_per_experiment(tmp_path):
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    tasks_start, tasks_end = markers("tasks")
+    page.write_text(f"# Results\n\nintro\n\n{START}\nold\n{END}\n\nbetween kept\n\n{tasks_start}\nold tasks\n"
+                    f"{tasks_end}\n\ntail kept\n")
+    result, out = _report_inputs(tmp_path, "run")
+    for section in (None, "tasks", "big"):  # "big" is not on the page yet: appended at the end
+        update_results_page(result, out, page, f"cmd {section}", section)
+    text = page.read_text()
+    assert "old" not in text and all(f"Command: `cmd {s}`" in _between(text, s) for s in (None, "tasks", "big"))
+    assert text.index("intro") < text.index(END) < text.index("between kept") < text.index(tasks_start)
+    assert text.index(tasks_end) < text.index("tail kept") < text.index(markers("big")[0])
+    assert "task seeds: [0, 1]; arms: vft_continued, rft, aft_bc" in text and "| aft_bc - rft |" in text
+    assert "![accuracy](results/accuracy.png)" in _between(text, None)
+    assert "![accuracy](results/tasks/accuracy.png)" in _between(text, "tasks")
+    assert (page.parent / "results" / "tasks" / "accuracy.png").read_bytes() == b"run"
+
+    other, other_out = _report_inputs(tmp_path, "rerun")  # rewriting one section leaves the rest byte-identical
+    update_results_page(other, other_out, page, "cmd again", "tasks")
+    head, tail = text.split(tasks_start)[0], text.split(tasks_end)[1]
+    new = page.read_text()
+    assert new.startswith(head) and new.endswith(tasks_end + tail) and "cmd again" in _between(new, "tasks")
+    assert (page.parent / "results" / "tasks" / "accuracy.png").read_bytes() == b"rerun"
+    assert (page.parent / "results" / "accuracy.png").read_bytes() == b"run"
+
+
+@pytest.mark.parametrize("preset, kwargs, match", [
+    (REPO / "configs" / "gsm8k_offline.yaml", {"task_seeds": [0, 1]}, "--task-seeds needs task.name=arith"),
+    (PRESET, {"contrasts": [("aft_bc", "aft_dc")]}, "--contrast: unknown.*aft_dc"),
+])
+def test_bad_requests_fail_before_anything_runs(tmp_path, preset, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_comparison(preset, ["vft_continued", "aft_bc"], [0, 1], tmp_path / "cmp", **kwargs)
+    assert not (tmp_path / "cmp").exists()  # no MLflow run, no train workers, no base
 
 
 def test_grid_settings_are_the_cartesian_product():

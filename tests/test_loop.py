@@ -80,6 +80,21 @@ def test_online_aft_bc_two_rounds(tmp_path, ray_local):
     assert {"config.yaml", "summary.json", "plots"} <= artifacts
 
 
+def test_eval_every_skips_rounds_but_not_the_last(tmp_path, ray_local):
+    import mlflow
+
+    from aftray.loop.rounds import run_loop
+
+    cfg = _cfg(tmp_path, "loop.rounds=2", "loop.eval_every=2", "run_name=eval_every", "train.vft_steps=10")
+    rounds = run_loop(cfg)["rounds"]
+    assert rounds[1]["accuracy"] is None and rounds[1]["time_eval_s"] == 0.0 and rounds[1]["train_loss"] > 0
+    assert 0.0 <= rounds[0]["accuracy"] <= 1.0 and 0.0 <= rounds[2]["accuracy"] <= 1.0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = (cfg.run_dir / "mlflow_run_id").read_text()
+    assert [m.step for m in client.get_metric_history(run_id, "eval/accuracy")] == [0, 2]
+    assert (cfg.run_dir / "plots" / "accuracy.png").is_file()
+
+
 def test_offline_single_round(tmp_path, ray_local):
     from aftray.loop.rounds import run_loop
 

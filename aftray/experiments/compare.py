@@ -6,8 +6,16 @@ one VFT model, then the fine-tuning methods; seeds vary sampling, data order and
 `shared_base=False` (seeds also vary the model init). Each arm's run directory gets a hard-linked copy of its
 base's round 0 and resumes from round 1, so the arms share the starting weights, the held-out candidate set and
 round 0's numbers. `vft` is the "VFT continued" control: the same extra steps spent
-on plain VFT on the reference COTs. Results: `comparison.json`, `comparison.md`, plots; one MLflow parent run
-with a child run per arm and seed.
+on plain VFT on the reference COTs.
+
+Task seeds (arith only) spread the seeds over several generated problem sets, so that an effect is measured
+across tasks, not on one draw of 300 test questions: seed i runs on task seed i mod their number (see
+`task_seed_of`), and each task seed has its own base(s), since a base is trained on its task's problems.
+
+Statistics are paired by seed (same seed: same task, same base, same questions): each arm's difference to
+VFT-continued, and contrasts between two arms (default also AFT-BC vs RFT, the paper's AFT ≥ RFT), each with its
+standard error and whether it is resolved (|mean| ≥ 3 SE). Results: `comparison.json`, `comparison.md`, plots;
+one MLflow parent run with a child run per arm and seed.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ ARMS = {
 PAPER_ARMS = ("vft_continued", "rft", "aft_dc", "aft_bc", "aft_rank_bc", "dpo", "dpo_bc", "rrhf", "rrhf_bc",
               "align_none")
 TRACKED = ("accuracy", "assessment_accuracy", "mean_score_pos", "mean_score_neg", "min_score_neg", "pass_at_k")
+RESOLVED = 3.0  # a paired difference counts as resolved at this many standard errors from 0
 
 
 def _link_round_zero(base_dir: Path, arm_dir: Path) -> None:
@@ -68,13 +77,41 @@ def grid_settings(grid: dict[str, list[str]] | None) -> list[tuple[str, list[str
     return settings
 
 
+def task_seed_of(seeds: list[int], task_seeds: list[int] | None) -> dict[int, int | None]:
+    """Seed -> its task seed: seed number i (in the order given) runs on task seed i mod their number, so the seeds
+    spread evenly over the tasks (0,1,2,3,4,5 on tasks 0,1,2: two seeds per task). No task seeds: None, the
+    preset's task for every seed."""
+    return {seed: task_seeds[i % len(task_seeds)] if task_seeds else None for i, seed in enumerate(seeds)}
+
+
+def _tag(task_seed: int | None, seed: int) -> str:
+    """A run name's suffix: `t1_s0` on task seed 1; `s0` without task seeds (the names run folders had before task
+    seeds existed, so those still resume)."""
+    return f"s{seed}" if task_seed is None else f"t{task_seed}_s{seed}"
+
+
+def _check_request(task: str, task_seeds: list[int] | None, labels: list[str],
+                   contrasts: list[tuple[str, str]] | None) -> None:
+    """Fail before Ray starts, not after an hour of runs: task seeds set the generated problems' seed, and a
+    contrast must name arms that run."""
+    if task_seeds and task != "arith":
+        raise ValueError(f"--task-seeds needs task.name=arith (it sets task.arith.seed, the generated problems); "
+                         f"the preset has task.name={task}")
+    unknown = [a for pair in contrasts or [] for a in pair if a not in labels]
+    if unknown:
+        raise ValueError(f"--contrast: unknown {unknown}; expected some of {', '.join(labels)}")
+
+
 def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_dir: str | Path,
                    overrides: list[str] | None = None, shared_base: bool = True,
                    grid: dict[str, list[str]] | None = None, bases_dir: str | Path | None = None,
-                   base_seed: int | None = None) -> dict:
-    """Every arm × grid setting × seed, each from its seed's VFT base (kept in `bases_dir`, default `out_dir`;
-    shared bases: the one of `base_seed`, default the first seed). A grid setting's arms are compared with
-    VFT-continued under the same setting; their labels are `<arm>_<setting>` (see `grid_settings`)."""
+                   base_seed: int | None = None, task_seeds: list[int] | None = None,
+                   contrasts: list[tuple[str, str]] | None = None) -> dict:
+    """Every arm × grid setting × seed, each from its seed's VFT base (kept in `bases_dir`, default `out_dir`).
+    Shared bases: one per task seed, all of seed `base_seed` (default the first seed), so they differ only in
+    their task; `shared_base=False`: one per (task seed, seed). A grid setting's arms are compared with
+    VFT-continued under the same setting; their labels are `<arm>_<setting>` (see `grid_settings`). `contrasts`:
+    pairs of labels (a, b) to compare beyond the defaults (see `contrast_pairs`)."""
     out_dir = Path(out_dir).absolute()
     bases_dir = Path(bases_dir).absolute() if bases_dir else out_dir
     overrides = list(overrides or [])
@@ -83,34 +120,40 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
         raise ValueError(f"--arms: unknown {unknown}; expected some of {', '.join(ARMS)}")
     settings = grid_settings(grid)
     first = load_config(preset, overrides + settings[0][1] + [f"output_dir={out_dir}"])  # fail fast on bad input
-    start = time.perf_counter()
     label = {(arm, name): f"{arm}_{name}" if name else arm for name, _ in settings for arm in arms}
+    _check_request(first.task.name, task_seeds, list(label.values()), contrasts)
+    task_of = task_seed_of(seeds, task_seeds)
+    start = time.perf_counter()
     runs: dict[str, dict[int, dict]] = {label[arm, name]: {} for name, _ in settings for arm in arms}
-    bases: dict[int, dict] = {}
+    bases: dict[str, dict] = {}
     # one set of train workers for every run: their start-up (~35 s here) is paid once, not once per arm
     with (Tracker(first.tracking, out_dir / "parent", out_dir.name, out_dir) as parent,
           TrainService(first.train, out_dir / "train_state", first.cluster.placement_strategy) as trainer):
         parent.log_params({"arms": ",".join(arms), "seeds": ",".join(map(str, seeds)), "preset": str(preset),
-                           "overrides": " ".join(overrides), "grid": str(grid or {})})
+                           "overrides": " ".join(overrides), "grid": str(grid or {}),
+                           "task_seeds": ",".join(map(str, task_seeds or []))})
         for seed in seeds:
             # the seed changes the sampling, the data order and the training (and the model init of its own
-            # base when bases are not shared); the task stays the same
+            # base when bases are not shared); the task changes only with the task seed
+            t = task_of[seed]
+            task = [] if t is None else [f"task.arith.seed={t}"]
             b_seed = seed if not shared_base else seeds[0] if base_seed is None else base_seed
-            base = load_config(preset, overrides + [f"output_dir={bases_dir}", f"seed={b_seed}",
-                                                    f"model.tiny.seed={b_seed}", f"train.seed={b_seed}",
-                                                    f"run_name=base_s{b_seed}", "loop.rounds=0"])
-            bases[b_seed] = _finished(base) or run_loop(base, parent.run_id, trainer)
-            seeded = overrides + [f"output_dir={out_dir}", f"seed={seed}", f"train.seed={seed}",
-                                  f"rollout.seed={seed}", f"model.tiny.seed={b_seed}"]
+            base = load_config(preset, overrides + task + [f"output_dir={bases_dir}", f"seed={b_seed}",
+                                                           f"model.tiny.seed={b_seed}", f"train.seed={b_seed}",
+                                                           f"run_name=base_{_tag(t, b_seed)}", "loop.rounds=0"])
+            bases[base.run_name] = _finished(base) or run_loop(base, parent.run_id, trainer)
+            seeded = overrides + task + [f"output_dir={out_dir}", f"seed={seed}", f"train.seed={seed}",
+                                         f"rollout.seed={seed}", f"model.tiny.seed={b_seed}"]
             for name, setting in settings:
                 for arm in arms:
-                    cfg = load_config(preset, seeded + setting + [f"run_name={label[arm, name]}_s{seed}",
+                    cfg = load_config(preset, seeded + setting + [f"run_name={label[arm, name]}_{_tag(t, seed)}",
                                                                   f"loss.name={ARMS[arm]}"])
                     _link_round_zero(base.run_dir, cfg.run_dir)
                     runs[label[arm, name]][seed] = _finished(cfg) or run_loop(cfg, parent.run_id, trainer)
         controls = {label[arm, name]: label.get(("vft_continued", name)) for name, _ in settings for arm in arms}
-        result = aggregate(runs, first.loop.rounds, controls)
-        result.update(preset=str(preset), overrides=overrides, seeds=seeds, shared_base=shared_base,
+        result = aggregate(runs, first.loop.rounds, controls, contrasts)
+        result.update(preset=str(preset), overrides=overrides, seeds=seeds, task_seeds=task_seeds,
+                      arm_names=arms, shared_base=shared_base,
                       grid=grid or {}, wall_time_s=time.perf_counter() - start, versions=_versions(),
                       runs_time_s=runs_time(bases, runs))
         write_json(out_dir / "comparison.json", result)
@@ -125,7 +168,7 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
     return result
 
 
-def runs_time(bases: dict[int, dict], runs: dict[str, dict[int, dict]]) -> float:
+def runs_time(bases: dict[str, dict], runs: dict[str, dict[int, dict]]) -> float:
     """Seconds the runs themselves took, however many invocations (resumes) it needed: the bases' rounds and
     the arms' rounds after round 0 (an arm's round 0 is its base's)."""
     return (sum(rec["time_round_s"] for s in bases.values() for rec in s["rounds"])
@@ -140,12 +183,39 @@ def _mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
-def aggregate(runs: dict[str, dict[int, dict]], rounds: int, controls: dict[str, str | None] | None = None) -> dict:
+def paired_difference(diffs: list[float]) -> dict:
+    """Mean, std and standard error (std / sqrt(n)) of paired differences, and their ratio |mean| / SE: resolved
+    at >= RESOLVED. One seed, or differences all equal, give no SE worth dividing by: ratio None, unresolved."""
+    ms = _mean_std(diffs)
+    se = ms["std"] / math.sqrt(ms["n"]) if ms["n"] else math.nan
+    ratio = abs(ms["mean"]) / se if ms["n"] >= 2 and se > 0 else None
+    return {**ms, "se": se, "ratio": ratio, "resolved": ratio is not None and ratio >= RESOLVED}
+
+
+def _final_accuracy_difference(a: dict[int, dict], b: dict[int, dict]) -> dict:
+    """Final-round accuracy of a minus b, paired by seed (same seed: same task, base and questions)."""
+    return paired_difference([a[s]["rounds"][-1]["accuracy"] - b[s]["rounds"][-1]["accuracy"] for s in a if s in b])
+
+
+def contrast_pairs(labels: list[str], controls: dict[str, str | None],
+                   extra: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """Each arm vs its control, then AFT-BC vs RFT when both ran (the paper's AFT ≥ RFT), then `extra`; each
+    pair once."""
+    pairs = [(arm, controls[arm]) for arm in labels if controls[arm] in labels and controls[arm] != arm]
+    if "aft_bc" in labels and "rft" in labels:
+        pairs.append(("aft_bc", "rft"))
+    return list(dict.fromkeys(pairs + list(extra or [])))
+
+
+def aggregate(runs: dict[str, dict[int, dict]], rounds: int, controls: dict[str, str | None] | None = None,
+              contrasts: list[tuple[str, str]] | None = None) -> dict:
     """Mean ± std over seeds per arm and round; paired differences against each arm's control (default
-    "vft_continued"), seed by seed."""
+    "vft_continued"), seed by seed, with their standard errors; the same for the contrasts (see
+    `contrast_pairs`; `contrasts` adds pairs), keyed "<a> - <b>"."""
+    controls = {arm: (controls or {}).get(arm, "vft_continued") for arm in runs}
     out: dict = {"arms": {}}
     for arm, by_seed in runs.items():
-        control_label = (controls or {}).get(arm, "vft_continued")
+        control_label = controls[arm]
         control = runs.get(control_label, {})
         per_round = {}
         for r in range(rounds + 1):
@@ -155,30 +225,55 @@ def aggregate(runs: dict[str, dict[int, dict]], rounds: int, controls: dict[str,
         entry = {"rounds": per_round, "final": per_round[rounds],
                  "per_seed_final_accuracy": {seed: f["accuracy"] for seed, f in finals.items()}}
         if control and arm != control_label:
-            diffs = [finals[s]["accuracy"] - control[s]["rounds"][-1]["accuracy"] for s in finals if s in control]
-            entry["delta_accuracy_vs_vft_continued"] = _mean_std(diffs)
+            entry["delta_accuracy_vs_vft_continued"] = _final_accuracy_difference(by_seed, control)
         out["arms"][arm] = entry
+    out["contrasts"] = {f"{a} - {b}": _final_accuracy_difference(runs[a], runs[b])
+                        for a, b in contrast_pairs(list(runs), controls, contrasts)}
     return out
 
 
-def _fmt(ms: dict, pct: bool = False) -> str:
+def _fmt(ms: dict, pct: bool = False, spread: str = "std") -> str:
+    """mean ± spread (the std, or the "se" of a paired difference); accuracies in points."""
     if not ms or ms.get("n", 0) == 0:
         return "–"
-    scale = 100 if pct else 1
-    return f"{ms['mean'] * scale:.1f} ± {ms['std'] * scale:.1f}" if pct else f"{ms['mean']:.3f} ± {ms['std']:.3f}"
+    return f"{ms['mean'] * 100:.1f} ± {ms[spread] * 100:.1f}" if pct else f"{ms['mean']:.3f} ± {ms[spread]:.3f}"
+
+
+def _seeds_line(result: dict) -> str:
+    """The seeds, and the task seeds when the comparison spread them over several tasks."""
+    seeds, task_seeds = result["seeds"], result["task_seeds"]
+    tasks = f" on task seeds {', '.join(map(str, task_seeds))}" if task_seeds else ""
+    return f"{len(seeds)} seeds ({', '.join(map(str, seeds))}){tasks}"
+
+
+def _contrast_table(contrasts: dict[str, dict]) -> list[str]:
+    """One row per contrast; Δ/SE is "–" where one seed (or identical differences) gives no SE."""
+    lines = ["| contrast | Δ accuracy (points) | SE | Δ/SE | seeds | resolved (≥ 3 SE) |",
+             "|---|---|---|---|---|---|"]
+    for name, c in contrasts.items():
+        ratio = "–" if c["ratio"] is None else f"{c['ratio']:.1f}"
+        lines.append(f"| {name} | {c['mean'] * 100:+.1f} | {c['se'] * 100:.1f} | {ratio} | {c['n']} | "
+                     f"{'yes' if c['resolved'] else 'no'} |")
+    return lines
 
 
 def markdown_table(result: dict) -> str:
-    seeds = result["seeds"]
-    lines = [f"Final round, mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))}); accuracy in %, "
-             "Δ = paired difference to VFT-continued (same seed).", "",
-             "| arm | accuracy | Δ vs VFT-cont. | assessment acc. | pass@k | mean s_pos | mean s_neg | min s_neg |",
+    """The arms' final round, then the contrasts: paired by seed, each with its standard error and whether it is
+    resolved, so a reader does not have to judge the noise from a std."""
+    lines = [f"Final round, mean ± std over {_seeds_line(result)}; accuracy in %, Δ = paired difference to "
+             "VFT-continued (same seed), mean ± standard error (SE = std / √seeds).", "",
+             "| arm | accuracy | Δ vs VFT-cont. (± SE) | assessment acc. | pass@k | mean s_pos | mean s_neg "
+             "| min s_neg |",
              "|---|---|---|---|---|---|---|---|"]
     for arm, e in result["arms"].items():
         f = e["final"]
-        lines.append(f"| {arm} | {_fmt(f['accuracy'], True)} | {_fmt(e.get('delta_accuracy_vs_vft_continued'), True)}"
-                     f" | {_fmt(f['assessment_accuracy'], True)} | {_fmt(f['pass_at_k'], True)} | "
+        lines.append(f"| {arm} | {_fmt(f['accuracy'], True)} | "
+                     f"{_fmt(e.get('delta_accuracy_vs_vft_continued'), True, 'se')} | "
+                     f"{_fmt(f['assessment_accuracy'], True)} | {_fmt(f['pass_at_k'], True)} | "
                      f"{_fmt(f['mean_score_pos'])} | {_fmt(f['mean_score_neg'])} | {_fmt(f['min_score_neg'])} |")
+    if result["contrasts"]:
+        lines += ["", f"Contrasts: final-round accuracy of a minus b, paired by seed; resolved when |Δ| ≥ "
+                      f"{RESOLVED:g} SE.", "", *_contrast_table(result["contrasts"])]
     return "\n".join(lines) + "\n"
 
 

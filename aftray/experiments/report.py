@@ -1,7 +1,14 @@
-"""Refresh the generated section of a results page (docs/results.md) from a comparison: the command, versions,
-seeds, wall time, the table and the plots. Text outside the markers (the reading of the results) is kept."""
+"""Refresh a generated section of a results page (docs/results.md) from a comparison: the command, versions,
+seeds and task seeds, arms, wall time, the tables and the plots. Text outside the markers (the reading of the
+results) is kept.
+
+A page holds one generated section per experiment: the unnamed one (markers `generated:start` / `generated:end`,
+assets in docs/results/) and named ones (`generated:<name>:start` / `generated:<name>:end`, assets in
+docs/results/<name>/, so two experiments' plots do not overwrite each other). A section not yet on the page is
+appended at its end."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -10,29 +17,42 @@ from aftray.experiments.compare import markdown_table
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 
 
-def update_results_page(result: dict, out_dir: Path, page: Path, command: str) -> None:
-    assets = page.parent / page.stem  # docs/results/ next to docs/results.md
+def markers(section: str | None) -> tuple[str, str]:
+    """A section's start and end markers; a name is letters, digits, `_` and `-` (it is also a folder name)."""
+    if section is None:
+        return START, END
+    if not re.fullmatch(r"[\w-]+", section):
+        raise ValueError(f"--results-section {section!r}: expected letters, digits, '_' or '-'")
+    return f"<!-- generated:{section}:start -->", f"<!-- generated:{section}:end -->"
+
+
+def _header(result: dict, command: str) -> list[str]:
+    """What it takes to reproduce the section: the command, the preset, seeds, task seeds, arms, time, versions."""
+    versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+    return [
+        f"Command: `{command}`  ",
+        f"Preset: `{result['preset']}` with overrides `{' '.join(result['overrides']) or '(none)'}`  ",
+        f"Seeds: {result['seeds']}; task seeds: {result['task_seeds'] or 'none (the preset task)'}; "
+        f"arms: {', '.join(result['arm_names'])}  ",
+        f"Time: the runs took {result['runs_time_s'] / 60:.1f} min in all (sum of their rounds' wall times; "
+        f"this invocation {result['wall_time_s'] / 60:.1f} min) on this machine (2 cores); versions: {versions}",
+    ]
+
+
+def update_results_page(result: dict, out_dir: Path, page: Path, command: str, section: str | None = None) -> None:
+    """Replace what is between `section`'s markers (see `markers`), nothing else: the hand-written reading and the
+    other sections stay byte for byte."""
+    start, end = markers(section)
+    assets = page.parent / page.stem / (section or "")  # docs/results/[<section>/] next to docs/results.md
     assets.mkdir(parents=True, exist_ok=True)
     shutil.copy(out_dir / "comparison.json", assets / "comparison.json")
     images = []
     for png in sorted((out_dir / "plots").glob("*.png")):
         shutil.copy(png, assets / png.name)
-        images.append(f"![{png.stem}]({assets.name}/{png.name})")
-    versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
-    generated = "\n".join([
-        START,
-        f"Command: `{command}`  ",
-        f"Preset: `{result['preset']}` with overrides `{' '.join(result['overrides']) or '(none)'}`  ",
-        f"Seeds: {result['seeds']}; arms: {', '.join(result['arms'])}  ",
-        f"Time: the runs took {result['runs_time_s'] / 60:.1f} min in all (sum of their rounds' wall times; "
-        f"this invocation {result['wall_time_s'] / 60:.1f} min) on this machine (2 cores); versions: {versions}",
-        "",
-        markdown_table(result),
-        *images,
-        END,
-    ])
-    text = page.read_text() if page.exists() else f"# Results\n\n{START}\n{END}\n"
-    if START not in text:
-        text += f"\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    page.write_text(head + generated + rest.split(END, 1)[1])
+        images.append(f"![{png.stem}]({assets.relative_to(page.parent).as_posix()}/{png.name})")
+    generated = "\n".join([start, *_header(result, command), "", markdown_table(result), *images, end])
+    text = page.read_text() if page.exists() else "# Results\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    page.write_text(head + generated + rest.split(end, 1)[1])

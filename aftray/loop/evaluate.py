@@ -24,6 +24,10 @@ from aftray.run.rundir import RunDir, read_parquet_rows
 
 log = logging.getLogger("aftray")
 
+# a round that `loop.eval_every` skips: its record keeps summary.json's keys, the held-out numbers unmeasured
+NOT_EVALUATED = {"accuracy": None, "assessment_accuracy": None, "mean_score_pos": None, "mean_score_neg": None,
+                 "time_eval_s": 0.0}
+
 
 class Evaluator:
     def __init__(self, cfg: Config, pool, answer_kind: str, eval_rows: list[dict], run_dir: RunDir):

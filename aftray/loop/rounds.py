@@ -23,7 +23,7 @@ import ray
 
 from aftray.cluster import check_cluster_fits, start_ray
 from aftray.config import Config, flatten, save_config, to_dict
-from aftray.loop.evaluate import Evaluator, write_sample_text
+from aftray.loop.evaluate import NOT_EVALUATED, Evaluator, write_sample_text
 from aftray.loop.pipeline import sample_round
 from aftray.models import load_tokenizer, resolve_model_path
 from aftray.rollout import RolloutPool, question_rows
@@ -191,7 +191,10 @@ class Run:
             self.prefetched = next_rollout.result() if next_rollout else None
         with phase("sync", metrics, self.cfg.loop.rounds):
             metrics.update(self.refresh(r))
-        metrics.update(self.evaluator.evaluate(r))
+        if r % self.cfg.loop.eval_every == 0 or r == self.cfg.loop.rounds:
+            metrics.update(self.evaluator.evaluate(r))
+        else:
+            metrics.update(NOT_EVALUATED)
         self.finish_round(r, metrics, time.perf_counter() - start, tracker)
 
     def finish_round(self, r: int, metrics: dict, wall: float, tracker: Tracker) -> None:
