@@ -27,8 +27,8 @@ vLLM is an optional extra, imported only here. Choices, and why:
   down for all, so only one engine at a time runs in-process; another one in the same process (tests, the
   benchmark) gets its own engine-core process. On GPUs vLLM keeps its engine-core process, which overlaps
   scheduling with the GPU's work.
-- `rollout.enforce_eager` (null: eager on CPU, CUDA graphs on GPU). Compiling on CPU measured +15 % tokens/s for
-  ~50 s more start-up per engine, which short runs and per-arm engines do not win back.
+- `rollout.enforce_eager` (null: eager on CPU, CUDA graphs on GPU). Compiling on CPU measured 0 to +15 % tokens/s
+  for ~50-75 s more start-up per engine, which short runs and per-arm engines do not win back.
 """
 from __future__ import annotations
 
