@@ -108,11 +108,7 @@ def claim_cores(n: int) -> tuple[list[int], list]:
     return [], []
 
 
-_in_process: list[weakref.ref] = []  # the engine whose core runs in this process, if any (module docstring)
-
-
-def _core_in_process() -> bool:
-    return not any(ref() is not None for ref in _in_process)
+_in_process = weakref.WeakSet()  # the engine whose core runs in this process, if any (module docstring)
 
 
 def _shm_root() -> str:
@@ -165,7 +161,7 @@ class VLLMEngine(Engine):
             weakref.finalize(self, shutil.rmtree, served, True)
         vllm.envs.disable_envs_cache()  # an engine started in this process froze vLLM's view of the environment
         self.core_locks = [] if on_gpu else _set_cpu_threads(cfg)
-        in_process = not on_gpu and _core_in_process()
+        in_process = not on_gpu and not _in_process
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         # a MC continuation's prompt is a prompt plus a whole COT (see EngineActor.continue_texts)
         max_model_len = min(max_positions, cfg.max_prompt_tokens + 2 * cfg.max_new_tokens)
@@ -182,7 +178,7 @@ class VLLMEngine(Engine):
             self.release_cores()
             raise RuntimeError(f"vLLM could not start model {model_path}: {type(e).__name__}: {e}") from e
         if in_process:
-            _in_process[:] = [weakref.ref(self)]
+            _in_process.add(self)
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
 
@@ -264,7 +260,7 @@ class VLLMEngine(Engine):
         """Stop vLLM's engine core now rather than when this object is collected, and free its cores."""
         self.llm.llm_engine.engine_core.shutdown()
         self.release_cores()
-        _in_process[:] = [ref for ref in _in_process if ref() is not self]
+        _in_process.discard(self)
 
     def release_cores(self) -> None:
         for f in self.core_locks:
