@@ -110,6 +110,10 @@ class RolloutConfig:
     cpu_cores: Optional[str] = "auto"
     enforce_eager: Optional[bool] = None  # vLLM: no graph compilation; null: eager on CPU (see vllm_engine)
     max_num_batched_tokens: int = 16384  # vLLM: tokens per engine step (prefill is not chunked, see vllm_engine)
+    # vLLM: KV-cache block, in tokens. Its prefix cache reuses whole blocks only, so a few-shot prefix shorter than
+    # one block is recomputed for every prompt. null: 32 on CPU (the least its attention takes; vLLM's CPU default
+    # is 128), vLLM's own on GPU
+    block_size: Optional[int] = None
 
 
 @dataclass
@@ -454,6 +458,8 @@ def validate(cfg: Config) -> None:
     _check(not (lp.overlap and r.engine == "vllm" and r.gpus_per_actor == 0 and r.cpu_cores == "auto"),
            "rollout.cpu_cores", "null or cores the train workers do not use when loop.overlap samples while they "
            "train on CPUs (auto would pin the samplers onto cores the trainers share)", r.cpu_cores)
+    _check(r.block_size is None or (r.block_size >= 1 and r.block_size % 16 == 0), "rollout.block_size",
+           "null or a multiple of 16 (tokens; vLLM's CPU attention takes multiples of 32)", r.block_size)
     _check(r.kv_cache_gb >= 1, "rollout.kv_cache_gb", "an integer >= 1 (GiB)", r.kv_cache_gb)
     _check(r.max_num_batched_tokens >= r.max_prompt_tokens + r.max_new_tokens, "rollout.max_num_batched_tokens",
            f">= max_prompt_tokens + max_new_tokens ({r.max_prompt_tokens + r.max_new_tokens}): prefill is not "

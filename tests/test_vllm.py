@@ -109,7 +109,7 @@ def test_score_equals_sampled_logprobs(smol, smol_prompts):
 @needs_vllm
 def test_score_reads_prompts_from_the_prefix_cache(smol, smol_prompts):
     """`score` takes a prompt's KV blocks from the prefix cache and computes only the rest; a COT whose own
-    blocks are cached (the engine's blocks are 128 tokens on CPU) is scored again without it. Same numbers."""
+    blocks are cached (the engine's blocks are 32 tokens on CPU) is still scored from its prompt's. Same numbers."""
     engine, _ = smol
     prompt = (smol_prompts[0] * 20)[:200]
     sampled = engine.generate([prompt], SamplingParams(n=2, temperature=1.0, max_new_tokens=100, seed=4))[0]

@@ -29,6 +29,9 @@ vLLM is an optional extra, imported only here. Choices, and why:
   scheduling with the GPU's work.
 - `rollout.enforce_eager` (null: eager on CPU, CUDA graphs on GPU). Compiling on CPU measured 0 to +15 % tokens/s
   for ~50-75 s more start-up per engine, which short runs and per-arm engines do not win back.
+- CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.block_size`). The prefix cache reuses
+  whole blocks only, and the default run's shared 1-shot prefix is 108 tokens: with 128-token blocks every prompt
+  recomputed it. Greedy evaluation of its prompts measured 2.1x faster at 64 per call (2.9x at 256).
 """
 from __future__ import annotations
 
@@ -108,6 +111,7 @@ def claim_cores(n: int) -> tuple[list[int], list]:
     return [], []
 
 
+CPU_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes (a multiple of 32)
 _in_process = weakref.WeakSet()  # the engine whose core runs in this process, if any (module docstring)
 
 
@@ -171,6 +175,7 @@ class VLLMEngine(Engine):
                 ("bfloat16" if on_gpu else "float32"), seed=cfg.seed, max_model_len=max_model_len,
                 logprobs_mode="raw_logprobs", generation_config="vllm", enable_chunked_prefill=False,
                 max_num_batched_tokens=max(cfg.max_num_batched_tokens, max_model_len),
+                block_size=cfg.block_size or (None if on_gpu else CPU_BLOCK_SIZE),
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 kv_cache_memory_bytes=None if on_gpu else cfg.kv_cache_gb << 30,
                 enforce_eager=not on_gpu if cfg.enforce_eager is None else cfg.enforce_eager)
@@ -196,14 +201,34 @@ class VLLMEngine(Engine):
         return [[_completion(o) for o in out.outputs] for out in outputs]
 
     def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]]) -> list[float]:
+        import vllm
+        from vllm.inputs import TokensPrompt
+
         sequences = [p + c for p, c in zip(prompt_ids, cot_ids, strict=True)]
-        outputs = self._prompt_logprobs(sequences, from_cache=True)
-        # a hit may reach into the COT (the same weights sampled or scored it before): those positions' log-probs
-        # are left unset, so such a COT is scored again without the cache
-        again = [i for i, (out, p) in enumerate(zip(outputs, prompt_ids))
-                 if (out.num_cached_tokens or 0) >= len(p)]
-        for i, out in zip(again, self._prompt_logprobs([sequences[i] for i in again], from_cache=False)):
-            outputs[i] = out
+        outputs: list = [None] * len(sequences)
+        pending = list(range(len(sequences)))
+        # a prompt's KV blocks are read from the prefix cache, but a hit that reaches into a COT leaves those
+        # positions without log-probs. COTs these weights sampled are cached, and COTs of one question that open
+        # alike share their first block: so the cache is emptied, refilled with the prompts alone, and the COTs
+        # that still hit into themselves go again in a smaller batch (re-scoring whole sequences without the cache
+        # measured 4x slower with 32-token blocks). A pass that scores none of them falls back to no cache.
+        while pending:
+            self.llm.reset_prefix_cache()
+            # all but a prompt's last token: a cached last position would leave the COT's first token unscored
+            prompts = list({tuple(prompt_ids[i][:-1]): None for i in pending if len(prompt_ids[i]) > 1})
+            self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                              vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+            hit_cot = []
+            for i, out in zip(pending, self._prompt_logprobs([sequences[i] for i in pending], from_cache=True)):
+                if (out.num_cached_tokens or 0) >= len(prompt_ids[i]):
+                    hit_cot.append(i)
+                else:
+                    outputs[i] = out
+            if len(hit_cot) == len(pending):
+                for i, out in zip(hit_cot, self._prompt_logprobs([sequences[i] for i in hit_cot], from_cache=False)):
+                    outputs[i] = out
+                break
+            pending = hit_cot
         # prompt_logprobs[j]: {token id: Logprob} of prompt token j (None for j = 0)
         return [sum(out.prompt_logprobs[len(p) + i][t].logprob for i, t in enumerate(c))
                 for out, p, c in zip(outputs, prompt_ids, cot_ids, strict=True)]
