@@ -41,6 +41,7 @@ def test_yaml_file_then_overrides(tmp_path):
     ("loss.beta=0.1", "loss.beta was renamed to loss.bc_margin"),
     ("loop.eval_k=4", "loop.eval_k was removed"),
     ("rollout.cpu_cores=0-", "rollout.cpu_cores: expected 'auto', null or a core list"),
+    ("rollout.block_size=24", "rollout.block_size: expected null or a multiple of 16"),
 ])
 def test_bad_values_name_the_key(override, message):
     start = time.monotonic()

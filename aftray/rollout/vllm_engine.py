@@ -30,8 +30,9 @@ vLLM is an optional extra, imported only here. Choices, and why:
 - `rollout.enforce_eager` (null: eager on CPU, CUDA graphs on GPU). Compiling on CPU measured 0 to +15 % tokens/s
   for ~50-75 s more start-up per engine, which short runs and per-arm engines do not win back.
 - CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.block_size`). The prefix cache reuses
-  whole blocks only, and the default run's shared 1-shot prefix is 108 tokens: with 128-token blocks every prompt
-  recomputed it. Greedy evaluation of its prompts measured 2.1x faster at 64 per call (2.9x at 256).
+  whole blocks only, and the SmolLM2 comparison's shared 1-shot prefix is 108 tokens: with 128-token blocks every
+  prompt recomputed it. Greedy evaluation of its prompts measured 2.2x faster, the same tokens
+  (benchmarks/prefix_cache.py).
 """
 from __future__ import annotations
 
@@ -211,7 +212,7 @@ class VLLMEngine(Engine):
         # positions without log-probs. COTs these weights sampled are cached, and COTs of one question that open
         # alike share their first block: so the cache is emptied, refilled with the prompts alone, and the COTs
         # that still hit into themselves go again in a smaller batch (re-scoring whole sequences without the cache
-        # measured 4x slower with 32-token blocks). A pass that scores none of them falls back to no cache.
+        # measured 3x slower with 32-token blocks). A pass that scores none of them falls back to no cache.
         while pending:
             self.llm.reset_prefix_cache()
             # all but a prompt's last token: a cached last position would leave the COT's first token unscored
