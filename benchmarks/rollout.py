@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from aftray.config import ModelConfig, RolloutConfig, TaskConfig
 from aftray.models import load_model, load_tokenizer, resolve_model_path
 from aftray.rollout import RolloutPool, SamplingParams, derive_seed, question_rows
 from aftray.rollout.pool import make_engine
-from aftray.rollout.vllm_engine import _stage_lm_head
+from aftray.rollout.vllm_engine import stage_checkpoint
 from aftray.tasks import load_task
 
 ROUND = 1
@@ -150,10 +149,7 @@ def main() -> None:
     # 3a. refresh from a checkpoint folder in this process: the engine's load_weights (checks, staging in
     # /dev/shm, reload, prefix-cache reset) against vLLM's reload_weights alone on a folder staged beforehand
     engine, ours, bare = engines["vllm_fp32"], [], []
-    staged = Path(tempfile.mkdtemp(dir="/dev/shm"))
-    for f in path.glob("*.safetensors"):
-        (staged / f.name).symlink_to(f.absolute())
-    _stage_lm_head(path, staged, engine.tied_embed)
+    staged = stage_checkpoint(path, engine.tied_embed)
     first = timed(engine.load_weights, path, 99)[1]  # the first reload after start-up is slower (reported apart)
     for i in range(args.repeats):
         ours.append(timed(engine.load_weights, path, 100 + i)[1])

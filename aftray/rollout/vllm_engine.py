@@ -137,6 +137,18 @@ def _untied_copy(model_path: Path, embed: str) -> Path:
     return served
 
 
+def stage_checkpoint(folder: Path, tied_embed: str | None) -> Path:
+    """A folder in shared memory that vLLM's reload_weights can read for the checkpoint `folder`: links to its
+    safetensors (not a sharded checkpoint's index, which would hide lm_head's file), plus the tied head's weights
+    as lm_head when the served copy is untied. The caller removes it."""
+    staged = Path(_shm_dir())
+    for f in folder.glob("*.safetensors"):
+        (staged / f.name).symlink_to(f.absolute())
+    if tied_embed:
+        _stage_lm_head(folder, staged, tied_embed)
+    return staged
+
+
 def _stage_lm_head(src: Path, dst: Path, embed: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -270,12 +282,8 @@ class VLLMEngine(Engine):
         missing = self.weight_names - _tensor_names(Path(path))
         if missing:
             raise ValueError(f"{path}: weights do not match the rollout model: missing {sorted(missing)[:5]}")
-        staged = Path(_shm_dir())
+        staged = stage_checkpoint(Path(path), self.tied_embed)
         try:
-            for f in Path(path).glob("*.safetensors"):  # a sharded checkpoint's index would hide lm_head's file
-                (staged / f.name).symlink_to(f.absolute())
-            if self.tied_embed:
-                _stage_lm_head(Path(path), staged, self.tied_embed)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(staged)})
         finally:
             shutil.rmtree(staged, ignore_errors=True)
