@@ -195,6 +195,34 @@ def test_many_long_seeded_requests(smol, smol_prompts):
     assert [tokens(cs) for cs in engine.generate(prompts, params)] == [tokens(cs) for cs in first]
 
 
+def test_stage_checkpoint_adds_the_tied_head_and_cleans_up_on_error(tmp_path):
+    """The folder vLLM's reload_weights reads (no vLLM needed): the checkpoint's safetensors linked, not its index,
+    plus the tied embedding saved as lm_head; a checkpoint without that embedding leaves nothing in /dev/shm."""
+    from safetensors.torch import load_file, save_file
+
+    from aftray.rollout.vllm_engine import _shm_root, stage_checkpoint
+
+    ckpt, bad = tmp_path / "ckpt", tmp_path / "bad"
+    ckpt.mkdir(), bad.mkdir()
+    embed = torch.arange(12.0).reshape(3, 4)
+    save_file({"model.embed_tokens.weight": embed, "model.norm.weight": torch.ones(4)},
+              str(ckpt / "model.safetensors"))
+    (ckpt / "model.safetensors.index.json").write_text("{}")
+    staged = stage_checkpoint(ckpt, "model.embed_tokens.weight")
+    try:
+        assert sorted(p.name for p in staged.iterdir()) == ["lm_head.safetensors", "model.safetensors"]
+        assert (staged / "model.safetensors").resolve() == (ckpt / "model.safetensors").resolve()
+        assert torch.equal(load_file(str(staged / "lm_head.safetensors"))["lm_head.weight"], embed)
+    finally:
+        shutil.rmtree(staged)
+    save_file({"model.norm.weight": torch.ones(4)}, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="no model.embed_tokens.weight"):
+        stage_checkpoint(bad, "model.embed_tokens.weight")
+    # other engines' folders may come and go meanwhile: look for one that links this checkpoint
+    links = [d / "model.safetensors" for d in Path(_shm_root()).glob("aftray-vllm-*")]
+    assert not [f for f in links if f.is_symlink() and f.resolve() == (bad / "model.safetensors").resolve()]
+
+
 def test_without_vllm_the_error_names_the_extra(tiny_model_path, monkeypatch):
     import sys
 

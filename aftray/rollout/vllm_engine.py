@@ -140,12 +140,16 @@ def _untied_copy(model_path: Path, embed: str) -> Path:
 def stage_checkpoint(folder: Path, tied_embed: str | None) -> Path:
     """A folder in shared memory that vLLM's reload_weights can read for the checkpoint `folder`: links to its
     safetensors (not a sharded checkpoint's index, which would hide lm_head's file), plus the tied head's weights
-    as lm_head when the served copy is untied. The caller removes it."""
+    as lm_head when the served copy is untied. The caller removes it; on an error it is removed here."""
     staged = Path(_shm_dir())
-    for f in folder.glob("*.safetensors"):
-        (staged / f.name).symlink_to(f.absolute())
-    if tied_embed:
-        _stage_lm_head(folder, staged, tied_embed)
+    try:
+        for f in folder.glob("*.safetensors"):
+            (staged / f.name).symlink_to(f.absolute())
+        if tied_embed:
+            _stage_lm_head(folder, staged, tied_embed)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return staged
 
 
