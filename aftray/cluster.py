@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aftray.config import Config, ConfigError, RolloutConfig, TrainConfig
@@ -45,18 +46,46 @@ class BundleGroup:
     strategy: str = "PACK"
 
 
+# What a cluster operator sets on the driver for the GPU collectives (interfaces, InfiniBand HCAs, debug level,
+# P2P/IB switches). Ray's workers inherit the environment of `ray start` on their node, not the driver's, so
+# these reach the train workers and vLLM engines only through the job's runtime environment.
+NCCL_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "UCX_")
+NCCL_ENV_NAMES = ("CUDA_DEVICE_MAX_CONNECTIONS",)
+
+
+def nccl_env(environ: Mapping[str, str], already: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The NCCL_* (and TORCH_NCCL_*, UCX_*, CUDA_DEVICE_MAX_CONNECTIONS) variables of `environ`, less those in
+    `already`: a submitted job's own runtime-env variables, which Ray passes anyway and refuses to see twice."""
+    return {k: v for k, v in environ.items() if (k.startswith(NCCL_ENV_PREFIXES) or k in NCCL_ENV_NAMES)
+            and k not in (already or {})}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """env_vars of the runtime env `ray job submit` gave this driver (Ray merges ray.init's into it)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return dict(((json.loads(raw) or {}).get("runtime_env") or {}).get("env_vars") or {}) if raw else {}
+    except (ValueError, AttributeError):
+        return {}
+
+
 def start_ray(cfg: Config):
-    """Join the cluster named by cluster.address / RAY_ADDRESS (set by `ray job submit`), else start a local one."""
+    """Join the cluster named by cluster.address / RAY_ADDRESS (set by `ray job submit`), else start a local one.
+    The driver's NCCL variables travel to every worker in the job's runtime env (`nccl_env`)."""
     import ray
 
     if ray.is_initialized():
         return ray
+    env = nccl_env(os.environ, _job_env_vars())
+    runtime_env = {"env_vars": env} if env else None
+    if env:
+        logger.info("passing %s to the workers", ", ".join(sorted(env)))
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:  # more logical CPUs than cores: long-lived rollout actors must not starve Ray Data's tasks
         ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
-                 dashboard_host="127.0.0.1")
+                 dashboard_host="127.0.0.1", runtime_env=runtime_env)
     return ray
 
 
@@ -69,9 +98,16 @@ def _custom(resources: dict[str, float], key: str) -> dict[str, float]:
     return {k: float(v) for k, v in resources.items() if v}
 
 
+def actor_gpus(cfg: RolloutConfig) -> float:
+    """GPUs one rollout actor holds: its engine's, all of them (a tensor-parallel vLLM engine runs its
+    tensor_parallel_size workers inside the actor's GPUs; the config refuses gpus_per_actor below that)."""
+    return max(cfg.gpus_per_actor, float(cfg.tensor_parallel_size)) if cfg.tensor_parallel_size > 1 \
+        else cfg.gpus_per_actor
+
+
 def actor_options(cfg: RolloutConfig) -> dict:
     """Resource kwargs for one rollout actor: `map_batches(..., **actor_options(cfg))`, `.options(**...)`."""
-    return {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor,
+    return {"num_cpus": cfg.cpus_per_actor, "num_gpus": actor_gpus(cfg),
             "resources": _custom(cfg.resources, "rollout.resources")}
 
 
@@ -98,7 +134,7 @@ def coordinator_resources() -> dict[str, float]:
 
 def bundle_groups(cfg: Config) -> list[BundleGroup]:
     r, t = cfg.rollout, cfg.train
-    rollout = {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor, **_custom(r.resources, "rollout.resources")}
+    rollout = {"CPU": r.cpus_per_actor, "GPU": actor_gpus(r), **_custom(r.resources, "rollout.resources")}
     strategy = cfg.cluster.placement_strategy  # Ray Train's placement group; Ray Data places actors singly
     groups = [BundleGroup("rollout actors", r.num_actors, {k: v for k, v in rollout.items() if v}),
               BundleGroup("train workers", t.num_workers, worker_resources(t), strategy)]
@@ -315,12 +351,14 @@ __all__ = [
     "BundleGroup",
     "Node",
     "PlacementError",
+    "actor_gpus",
     "actor_options",
     "bundle_groups",
     "check_cluster_fits",
     "cluster_nodes",
     "coordinator_resources",
     "find_misfit",
+    "nccl_env",
     "required_resources",
     "scaling_config_kwargs",
     "start_ray",

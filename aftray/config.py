@@ -93,6 +93,9 @@ class RolloutConfig:
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    # vLLM on GPU: GPUs one engine shards its model over (tensor parallel); the actor holds them all, so
+    # gpus_per_actor must be at least this
+    tensor_parallel_size: int = 1
     threads_per_actor: int = 1  # compute threads inside each actor (torch intra-op for hf, OpenMP for vllm)
     batch_size: int = 8  # questions per engine call at k samples each (greedy calls take k times as many)
     max_prompt_tokens: int = 512  # longer prompts are left-truncated (counted) or rejected when strict
@@ -114,6 +117,12 @@ class RolloutConfig:
     # one block is recomputed for every prompt. null: 32 on CPU (the least its attention takes; vLLM's CPU default
     # is 128), vLLM's own on GPU
     block_size: Optional[int] = None
+    # how the trained weights reach the samplers each round (docs/cluster.md). object_store: rank 0 puts the
+    # state dict in Ray's object store and each engine loads it in place (any nodes, no disk); folder: each
+    # engine reads the round's checkpoint folder (storage every node sees); nccl: vLLM's weight transfer from
+    # trainer rank 0 over NCCL (vLLM samplers and trainers on GPUs). auto: nccl where that holds, else
+    # object_store (`load_config` writes the mode it chose)
+    weight_sync: Literal["auto", "object_store", "nccl", "folder"] = "auto"
 
 
 @dataclass
@@ -157,6 +166,9 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
     offload_optimizer: bool = False
     max_failures: int = 1
+    # activation (gradient) checkpointing: recompute each layer's activations in the backward pass, trading
+    # ~1/3 more compute for activation memory (long COTs, larger models; docs/cluster.md sizing)
+    gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0 = only at the end of a stage)
     # steps between live metric reports to Ray Train: each `ray.train.report` synchronises every worker with the
     # controller (~1.5 s on 2 loaded cores, 3x a tiny model's step); the full per-step history is returned anyway
@@ -188,6 +200,10 @@ class LoopConfig:
     assessment_questions: Optional[int] = None
     overlap: bool = False  # rollout of round r+1 overlaps training of round r (one round stale)
     samples_to_log: int = 3  # COTs per label written to the round's text artifact
+    # rounds between checkpoints on disk (rounds/<r>/checkpoint + the trainer's optimizer state in Ray Train's
+    # storage); the last round and round 0's VFT stage always write one. A run resumes after its last
+    # checkpointed round
+    checkpoint_every: int = 1
 
 
 @dataclass
@@ -409,6 +425,10 @@ def validate(cfg: Config) -> None:
     _check(r.batch_size >= 1, "rollout.batch_size", "an integer >= 1", r.batch_size)
     _check(r.threads_per_actor >= 1, "rollout.threads_per_actor", "an integer >= 1", r.threads_per_actor)
     _check(r.cpus_per_actor >= 0 and r.gpus_per_actor >= 0, "rollout.cpus_per_actor", "resources >= 0", r.cpus_per_actor)
+    _check(r.tensor_parallel_size == 1 or (r.tensor_parallel_size > 1 and r.engine == "vllm"
+                                            and r.gpus_per_actor >= r.tensor_parallel_size),
+           "rollout.tensor_parallel_size", f"1, or > 1 only with rollout.engine=vllm and rollout.gpus_per_actor >= "
+           f"it (engine {r.engine!r}, gpus_per_actor {r.gpus_per_actor:g})", r.tensor_parallel_size)
     _check(t.lr > 0, "train.lr", "a learning rate > 0", t.lr)
     _check(t.vft_lr is None or t.vft_lr > 0, "train.vft_lr", "a learning rate > 0", t.vft_lr)
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a value in [0, 1]", t.min_lr_ratio)
@@ -437,6 +457,17 @@ def validate(cfg: Config) -> None:
     _check(lp.min_mixed_groups >= 0, "loop.min_mixed_groups", "an integer >= 0 (0 = off)", lp.min_mixed_groups)
     _check(lp.max_oversample >= 1, "loop.max_oversample", "a factor >= 1", lp.max_oversample)
     _check(lp.eval_questions >= 0, "loop.eval_questions", "an integer >= 0", lp.eval_questions)
+    _check(lp.checkpoint_every >= 1, "loop.checkpoint_every", "an integer >= 1 (rounds between checkpoints)",
+           lp.checkpoint_every)
+    _check(r.weight_sync != "folder" or lp.checkpoint_every == 1, "rollout.weight_sync",
+           "object_store or auto when loop.checkpoint_every > 1 (folder reads every round's checkpoint)",
+           r.weight_sync)
+    on_gpus = r.engine == "vllm" and r.gpus_per_actor > 0 and t.gpus_per_worker > 0
+    _check(r.weight_sync != "nccl" or on_gpus, "rollout.weight_sync", "auto, object_store or folder: nccl needs "
+           "vLLM samplers and trainers on GPUs (rollout.engine=vllm, rollout.gpus_per_actor > 0, "
+           "train.gpus_per_worker > 0)", r.weight_sync)
+    if r.weight_sync == "auto":
+        r.weight_sync = "nccl" if on_gpus else "object_store"
     _check(lp.eval_every >= 1, "loop.eval_every", "an integer >= 1 (rounds between evaluations)", lp.eval_every)
     _check(lp.assessment_questions is None or lp.assessment_questions >= 1, "loop.assessment_questions",
            "null or >= 1", lp.assessment_questions)

@@ -149,9 +149,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "fp32", trust_remote_code: bool = False):
+def load_model(path: str | Path, dtype: str | torch.dtype = "fp32", trust_remote_code: bool = False,
+               gradient_checkpointing: bool = False):
+    """gradient_checkpointing (`train.gradient_checkpointing`): recompute activations in the backward pass; the
+    KV cache is turned off with it (transformers would drop it anyway under checkpointing in training)."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model

@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from aftray.config import LossConfig, TinyModelConfig
+from aftray.rows import group_row
 from aftray.train.losses import OBJECTIVES, ScoredBatch
 from aftray.train.scores import collate_groups, score_groups
 
@@ -45,11 +46,17 @@ def make_rows(groups: int, k: int, gen: torch.Generator) -> list[dict]:
         length = int(torch.randint(lo, hi, (), generator=gen))
         return torch.randint(1, VOCAB, (length,), generator=gen).tolist()
 
-    return [dict(prompt_ids=tokens(40, 80), ref_cot_ids=tokens(30, 150),
-                 cot_ids=[tokens(30, 150) for _ in range(k)],
-                 correct=(torch.rand(k, generator=gen) < 0.5).tolist(), rank=list(range(1, k + 1)),
-                 process=[1.0] * k, sample_logp=(-300 * torch.rand(k, generator=gen)).tolist())
-            for _ in range(groups)]
+    rows = []
+    for i in range(groups):
+        drawn = dict(prompt_ids=tokens(40, 80), ref_cot_ids=tokens(30, 150),  # in this order: the draws
+                     cot_ids=[tokens(30, 150) for _ in range(k)],
+                     correct=(torch.rand(k, generator=gen) < 0.5).tolist(), rank=list(range(1, k + 1)),
+                     process=[1.0] * k, sample_logp=(-300 * torch.rand(k, generator=gen)).tolist())
+        rows.append(group_row(**drawn, id=f"q{i}", prompt="", answer="", ref_cot="", cots=[""] * k,
+                              sample_token_logp=[[]] * k, finish_reasons=["stop"] * k, pred=[""] * k,
+                              labels=["correct" if c else "wrong_answer" for c in drawn["correct"]],
+                              counts=[1] * k, num_sampled=k, weights_version=0))
+    return rows
 
 
 def random_scored(groups: int, k: int, gen: torch.Generator) -> ScoredBatch:

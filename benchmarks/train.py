@@ -44,9 +44,16 @@ def make_groups(n: int, k: int, prompt_len: int, cot_len: int, vocab: int, seed:
     def tokens(length):
         return [rng.randrange(4, vocab) for _ in range(rng.randint(length * 3 // 4, length * 5 // 4))]
 
-    return [dict(id=f"q{i:05d}", prompt_ids=tokens(prompt_len), ref_cot_ids=tokens(cot_len),
-                 cot_ids=[tokens(cot_len) for _ in range(k)], correct=[j % 2 == 0 for j in range(k)],
-                 rank=[1 + j % 2 for j in range(k)], process=[1.0] * k, sample_logp=[-1.5 * cot_len] * k)
+    from aftray.rows import group_row
+
+    correct = [j % 2 == 0 for j in range(k)]
+    return [group_row(id=f"q{i:05d}", prompt="", prompt_ids=tokens(prompt_len), answer="", ref_cot="",
+                      ref_cot_ids=tokens(cot_len), cots=[""] * k, cot_ids=[tokens(cot_len) for _ in range(k)],
+                      sample_logp=[-1.5 * cot_len] * k, sample_token_logp=[[]] * k,
+                      finish_reasons=["stop"] * k, pred=[""] * k,
+                      labels=["correct" if c else "wrong_answer" for c in correct], correct=correct,
+                      process=[1.0] * k, rank=[1 + j % 2 for j in range(k)], counts=[1] * k, num_sampled=k,
+                      weights_version=0)
             for i in range(n)]
 
 

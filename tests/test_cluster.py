@@ -198,10 +198,10 @@ def test_rayjob_secure_defaults():
 AWS_TYPES = {"m6i.2xlarge": (8, 0), "g5.2xlarge": (8, 1), "g5.12xlarge": (48, 4)}
 
 
-def gpu_preset() -> Config:
-    preset = ROOT / "configs" / "gsm8k_gpu.yaml"
+def gpu_preset(name: str = "gsm8k_gpu") -> Config:
+    preset = ROOT / "configs" / f"{name}.yaml"
     if not preset.is_file():
-        pytest.skip("configs/gsm8k_gpu.yaml not written yet")
+        pytest.skip(f"configs/{name}.yaml not written yet")
     data = load(preset)
     return cfg(data.get("rollout"), data.get("train"), data.get("cluster"))
 
@@ -228,10 +228,12 @@ def rayjob_nodes() -> list[Node]:
     return nodes
 
 
+@pytest.mark.parametrize("name", ["gsm8k_gpu", "gsm8k_offline"])
 @pytest.mark.parametrize("nodes", [aws_nodes_at_start, rayjob_nodes], ids=["aws-gpu", "rayjob"])
-def test_cluster_files_hold_the_gpu_preset_from_the_start(nodes):
+def test_cluster_files_hold_the_gpu_preset_from_the_start(nodes, name):
     # The pre-check run against the cluster each file brings up (before any autoscaling).
-    preset = gpu_preset()
+    preset = gpu_preset(name)
+    assert preset.rollout.gpus_per_actor >= 1 and preset.train.gpus_per_worker >= 1  # both on GPUs
     assert P.find_misfit(P.bundle_groups(preset), nodes()) is None
 
 
@@ -419,3 +421,49 @@ def test_impossible_placement_fails_fast_and_says_what_is_missing(two_node_ray, 
 
 def test_plain_cluster_is_not_mistaken_for_an_autoscaling_one(two_node_ray):
     assert P._autoscaler_can_add_nodes() is False
+
+
+# ----------------------------------------------------------------------------------------- GPU path (pure)
+def test_nccl_env_passes_the_operators_collective_settings_and_nothing_else():
+    driver = {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_HCA": "mlx5_0", "NCCL_DEBUG": "INFO", "NCCL_P2P_DISABLE": "1",
+              "NCCL_IB_DISABLE": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "UCX_TLS": "rc,cuda_copy",
+              "CUDA_DEVICE_MAX_CONNECTIONS": "1", "CUDA_VISIBLE_DEVICES": "0", "PATH": "/usr/bin", "HOME": "/root",
+              "RAY_ADDRESS": "auto", "MY_NCCL_NOTE": "x", "nccl_debug": "INFO"}
+    want = {k: v for k, v in driver.items() if k.startswith(("NCCL_", "TORCH_NCCL_", "UCX_"))
+            or k == "CUDA_DEVICE_MAX_CONNECTIONS"}
+    assert P.nccl_env(driver) == want and len(want) == 8
+    # a submitted job's own runtime-env variables are passed by Ray already; naming them again is a conflict
+    assert P.nccl_env(driver, {"NCCL_DEBUG": "WARN"}) == {k: v for k, v in want.items() if k != "NCCL_DEBUG"}
+    assert P.nccl_env({"PATH": "/bin"}) == {}
+
+
+def test_start_ray_hands_the_nccl_env_to_ray_init(monkeypatch):
+    import ray
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ens5")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"NCCL_DEBUG": "INFO"}}}))
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")  # the job's runtime env put it here: not passed twice
+    P.start_ray(cfg())
+    assert seen["address"] == "10.0.0.1:6379" and seen["runtime_env"]["env_vars"]["NCCL_SOCKET_IFNAME"] == "ens5"
+    assert "NCCL_DEBUG" not in seen["runtime_env"]["env_vars"]
+
+
+def test_tensor_parallel_actor_asks_for_its_engines_gpus():
+    c = cfg({"engine": "vllm", "gpus_per_actor": 2.0, "tensor_parallel_size": 2, "resources": {"rollout": 2.0}})
+    assert P.actor_options(c.rollout)["num_gpus"] == 2.0
+    assert P.bundle_groups(c)[0].bundle["GPU"] == 2.0
+    assert P.actor_options(cfg({"gpus_per_actor": 0.5}).rollout)["num_gpus"] == 0.5  # TP 1: as configured
+
+
+def test_tensor_parallel_needs_vllm_and_the_gpus():
+    from aftray.config import load_config
+
+    for bad in (["rollout.tensor_parallel_size=2", "rollout.gpus_per_actor=2"],  # hf engine
+                ["rollout.tensor_parallel_size=2", "rollout.engine=vllm", "rollout.gpus_per_actor=1"],
+                ["rollout.tensor_parallel_size=0"]):
+        with pytest.raises(ConfigError, match="^rollout.tensor_parallel_size: expected"):
+            load_config(None, bad)

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from aftray.config import load_config
-from aftray.loop.rounds import mixed_or_reference, round_questions
+from aftray.loop.rounds import round_questions
+from aftray.rows import TRAIN_COLUMNS, group_row, is_mixed, reference_only
+from aftray.train.worker import load_groups
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "arith_cpu.yaml"
 
@@ -32,12 +34,16 @@ def test_round_blocks_are_deterministic_and_fresh():
 
 def test_training_rows_keep_mixed_groups_whole_and_references_of_the_rest():
     def group(i, correct):
-        return {"id": f"q{i}", "prompt_ids": [1], "ref_cot_ids": [2, 3], "cot_ids": [[4]] * len(correct),
-                "sample_logp": [-1.0] * len(correct), "correct": correct, "rank": [1] * len(correct)}
+        k, pred = len(correct), ["7" if c else "8" for c in correct]
+        return group_row(id=f"q{i}", prompt="Q", prompt_ids=[1], answer="7", ref_cot="#### 7",
+                         ref_cot_ids=[2, 3], cots=[f"#### {p}" for p in pred], cot_ids=[[4]] * k,
+                         sample_logp=[-1.0] * k, sample_token_logp=[[-1.0]] * k, finish_reasons=["stop"] * k,
+                         pred=pred, labels=["correct" if c else "wrong_answer" for c in correct], correct=correct,
+                         process=[1.0] * k, rank=[1] * k, counts=[1] * k, num_sampled=k, weights_version=1)
 
     groups = [group(0, [True, False]), group(1, [True, True]), group(2, [False, False, False])]
-    rows = mixed_or_reference(groups)
-    assert rows[0] == groups[0]
+    rows = [g if is_mixed(g) else reference_only(g) for g in load_groups(groups)]  # as the stage does
+    assert rows[0] == {c: groups[0][c] for c in TRAIN_COLUMNS}
     for row, g in zip(rows[1:], groups[1:]):
         assert row["ref_cot_ids"] == g["ref_cot_ids"] and row["cot_ids"] == row["correct"] == row["rank"] == []
 

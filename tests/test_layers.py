@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "aftray"
 # lowest first; a name is a folder or a module directly under aftray/
 LAYERS = [
     ("config",),
+    ("rows", "weights"),  # the group-row contract and the state-dict payload: shared by the three stages
     ("models",),
     ("tasks",),
     ("cluster",),

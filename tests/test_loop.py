@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from aftray.config import load_config
 from aftray.run.rundir import ROUND_KEYS, read_summary
@@ -67,10 +68,12 @@ def test_online_aft_bc_two_rounds(tmp_path, ray_local):
         samples = read_parquet_rows(cfg.run_dir / "rounds" / str(r) / "samples.parquet")
         assert {row["weights_version"] for row in samples} == {r - 1}
     # one train worker group for the whole run: the VFT stage and both rounds' stages ran in the same process,
-    # and Ray Train's run folder is gone at the end
-    pids = {r: json.loads((cfg.run_dir / "rounds" / str(r) / "checkpoint" / "train_result.json").read_text())
-            ["metrics"]["worker_pids"] for r in (0, 1, 2)}
-    assert pids[0] == pids[1] == pids[2]
+    # which kept the policy (round 1: the VFT weights with a new optimizer; round 2: model and optimizer), and
+    # Ray Train's run folder is gone at the end
+    stages = {r: json.loads((cfg.run_dir / "rounds" / str(r) / "train_result.json").read_text())["metrics"]
+              for r in (0, 1, 2)}
+    assert stages[0]["worker_pids"] == stages[1]["worker_pids"] == stages[2]["worker_pids"]
+    assert [stages[r]["policy"] for r in (0, 1, 2)] == ["loaded", "new_optimizer", "kept"]
     assert "train_setup_start_s" in summary["rounds"][2] and not (cfg.run_dir / "train_state").exists()
     # MLflow: one run, every round metric at step = round, the artifacts
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -110,7 +113,16 @@ def _job_cmd(tmp_path, *extra):
             f"output_dir={tmp_path}", *SMALL, "run_name=resume", *extra]
 
 
+def _weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "model.safetensors")
+
+
 def test_resume_after_driver_sigkill(tmp_path):
+    """The driver and everything it started are killed after round 1; the re-run resumes after it, restores the
+    trainer's model and optimizer from round 1's end state, and ends exactly where an uninterrupted run ends:
+    the same samples, losses, accuracies and final weights."""
     cmd = _job_cmd(tmp_path, "loop.rounds=2")
     run_dir = tmp_path / "resume"
     log = tmp_path / "first_run.log"
@@ -129,7 +141,19 @@ def test_resume_after_driver_sigkill(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming" in out.stderr and "after round 1" in out.stderr
     assert (run_dir / "rounds" / "1" / "metrics.json").stat().st_mtime_ns == round1  # not redone
-    _check_summary(run_dir, 2, "online")
+    resumed = _check_summary(run_dir, 2, "online")
+    stage2 = json.loads((run_dir / "rounds" / "2" / "train_result.json").read_text())["metrics"]
+    assert stage2["policy"] == "restored"  # from round 1's end state in Ray Train's storage
+
+    whole = [a.replace("run_name=resume", "run_name=whole") for a in cmd]
+    out = subprocess.run(whole, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    uninterrupted = _check_summary(tmp_path / "whole", 2, "online")
+    for key in ("accuracy", "train_loss", "num_positive", "assessment_accuracy"):
+        assert [r[key] for r in resumed["rounds"]] == [r[key] for r in uninterrupted["rounds"]], key
+    a, b = _weights(run_dir / "rounds" / "2" / "checkpoint"), _weights(tmp_path / "whole" / "rounds" / "2" /
+                                                                       "checkpoint")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _free_port() -> int:
@@ -179,13 +203,23 @@ def test_ray_job_submit_to_local_head(tmp_path):
         head.wait(timeout=60)
 
 
-def test_two_node_placement(tmp_path):
-    """Rollout actors on the node with the `rollout` resource, train workers on the `trainer` node."""
+def _samples(run_dir: Path, r: int) -> dict:
+    from aftray.run.rundir import read_parquet_rows
+
+    return {row["id"]: row["cot_ids"] for row in read_parquet_rows(run_dir / "rounds" / str(r) / "samples.parquet")}
+
+
+def test_two_nodes_need_no_shared_checkpoint_folder(tmp_path, monkeypatch):
+    """Rollout actors on the node with the `rollout` resource, train workers on the `trainer` node, and every
+    round's checkpoint folder moved away before the samplers take the new weights: the weights reach them
+    through the object store and the trainer keeps its policy, so the run reads none of those folders and
+    matches the same run on one node exactly (samples, accuracies)."""
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
     from aftray.loop.rounds import run_loop
+    from aftray.rollout.pool import RolloutPool
 
     if ray.is_initialized():
         ray.shutdown()
@@ -193,17 +227,38 @@ def test_two_node_placement(tmp_path):
                                                             "dashboard_host": "127.0.0.1"})
     rollout_node = cluster.add_node(num_cpus=2, resources={"rollout": 1})
     trainer_node = cluster.add_node(num_cpus=2, resources={"trainer": 1})
+    one_node = cluster.add_node(num_cpus=3, resources={"solo": 2})
+    moved = []
+    refresh = RolloutPool.refresh
+
+    def refresh_after_moving_the_folders(self, weights, version):
+        for folder in (tmp_path / "two_node" / "rounds").glob("*/checkpoint"):
+            folder.rename(tmp_path / f"moved_{folder.parent.name}")
+            moved.append(folder)
+        return refresh(self, weights, version)
+
     try:
         ray.init(address=cluster.address)
-        cfg = _cfg(tmp_path, "loop.rounds=1", "run_name=two_node", "rollout.resources={rollout: 1}",
-                   "train.resources={trainer: 1}", f"cluster.address={cluster.address}")
-        run_loop(cfg)
-        _check_summary(cfg.run_dir, 1, "online")
+        common = ["loop.rounds=2", "rollout.weight_sync=object_store", f"cluster.address={cluster.address}"]
+        run_loop(_cfg(tmp_path, *common, "run_name=one_node", "rollout.resources={solo: 1}",
+                      "train.resources={solo: 1}"))
+        monkeypatch.setattr(RolloutPool, "refresh", refresh_after_moving_the_folders)
+        cfg = _cfg(tmp_path, *common, "run_name=two_node", "rollout.resources={rollout: 1}",
+                   "train.resources={trainer: 1}")
+        two = run_loop(cfg)
+        one = read_summary(tmp_path / "one_node" / "summary.json")
+        assert [r["round"] for r in two["rounds"]] == [0, 1, 2] and two["rounds"][2]["weights_version"] == 2
+        assert sorted(f.parent.name for f in moved) == ["0", "1", "2"]  # every round wrote one; none was read
+        assert [r["accuracy"] for r in two["rounds"]] == [r["accuracy"] for r in one["rounds"]]
+        for r in (1, 2):
+            assert _samples(cfg.run_dir, r) == _samples(tmp_path / "one_node", r)
         actors = list_actors(detail=True, limit=1000)
-        engines = {a.node_id for a in actors if a.class_name == "EngineActor"}
+        engines = {a.node_id for a in actors if a.class_name == "EngineActor" and a.state == "ALIVE"}
         workers = {a.node_id for a in actors if a.class_name == "RayTrainWorker"}
-        assert engines == {rollout_node.node_id}
-        assert workers == {trainer_node.node_id}
+        assert {a.node_id for a in actors if a.class_name == "EngineActor"} == {rollout_node.node_id,
+                                                                                one_node.node_id}
+        assert workers == {trainer_node.node_id, one_node.node_id}
+        assert not engines  # every pool shut down
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from aftray.config import LossConfig
+from aftray.rows import group_row
 from aftray.train import losses as L
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -498,10 +499,12 @@ def test_learning_aft_bc_raises_pair_accuracy_and_align_none_collapses_negatives
                                          max_position_embeddings=128))
     gen = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(1, 40, (n,), generator=gen).tolist()  # noqa: E731
-    rows = [dict(prompt_ids=rand(6), ref_cot_ids=rand(10), cot_ids=[rand(10) for _ in range(4)],
-                 correct=[True, False, True, False], rank=[1, 2, 1, 2], process=[1.0] * 4,
-                 sample_logp=[0.0] * 4)
-            for _ in range(4)]
+    rows = [group_row(id=f"q{i}", prompt="", prompt_ids=rand(6), answer="", ref_cot="", ref_cot_ids=rand(10),
+                      cots=[""] * 4, cot_ids=[rand(10) for _ in range(4)], sample_logp=[0.0] * 4,
+                      sample_token_logp=[[]] * 4, finish_reasons=["stop"] * 4, pred=[""] * 4,
+                      labels=["correct", "wrong_answer"] * 2, correct=[True, False, True, False],
+                      process=[1.0] * 4, rank=[1, 2, 1, 2], counts=[1] * 4, num_sampled=4, weights_version=0)
+            for i in range(4)]
     batch = collate_groups(rows, max_seq_len=64)
     bc_first, bc_last = _train(model, batch, "aft_bc", steps=12)
     _, none_last = _train(model, batch, "align_none", steps=12)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aftray.config import LossConfig
+from aftray.rows import group_row
 from aftray.train.losses import OBJECTIVES
 from aftray.train.scores import _fit, collate_groups, logp_drift, score_groups, sequence_logps
 
@@ -30,16 +31,22 @@ def model():
 
 
 def make_rows(gen, sizes=(3, 1, 4, 0)):
+    """Group rows of random tokens, one per size (its number of COTs)."""
     rand = lambda n: torch.randint(1, VOCAB, (n,), generator=gen).tolist()  # noqa: E731
     rows = []
     for k in sizes:
-        rows.append(dict(
+        drawn = dict(  # in this order: the generator's draws
             prompt_ids=rand(int(torch.randint(3, 9, (), generator=gen))), ref_cot_ids=rand(7),
             cot_ids=[rand(int(torch.randint(2, 12, (), generator=gen))) for _ in range(k)],
             correct=(torch.rand(k, generator=gen) < 0.5).tolist(),
             rank=torch.randint(1, 4, (k,), generator=gen).tolist(),
             process=torch.rand(k, generator=gen).tolist(),
-            sample_logp=(-20 * torch.rand(k, generator=gen)).tolist()))
+            sample_logp=(-20 * torch.rand(k, generator=gen)).tolist())
+        rows.append(group_row(
+            **drawn, id=f"q{len(rows)}", prompt="", answer="", ref_cot="", cots=[""] * k,
+            sample_token_logp=[[]] * k, finish_reasons=["stop"] * k, pred=[""] * k,
+            labels=["correct" if c else "wrong_answer" for c in drawn["correct"]], counts=[1] * k,
+            num_sampled=k, weights_version=0))
     return rows
 
 

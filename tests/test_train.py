@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from aftray.config import LossConfig, TrainConfig
+from aftray.rows import group_row
 from aftray.train.worker import lr_at, step_groups
 
 # Ray Train workers run tests/fault_worker.py first (it reads AFTRAY_TEST_FAULT_FILE); they inherit the environment of the
@@ -32,10 +33,13 @@ def make_groups(tokenizer, n: int = 8, seed: int = 0) -> list[dict]:
         a, b = rng.randint(1, 9), rng.randint(1, 9)
         prompt = f"Q: {a}+{b}?\nA: "
         cots = [f"{a}+{b}={s}\n#### {s}" for s in (a + b, a + b + 1, a * b + 2)]
-        rows.append(dict(id=f"q{i}", prompt=prompt, prompt_ids=ids(prompt, eos=False), answer=str(a + b),
-                         ref_cot=cots[0], ref_cot_ids=ids(cots[0]), cots=cots, cot_ids=[ids(c) for c in cots],
-                         sample_logp=[-20.0, -21.0, -22.0], finish_reasons=["stop"] * 3, correct=[True, False, False],
-                         rank=[1, 2, 2], process=[1.0, 0.0, 0.0]))
+        rows.append(group_row(
+            id=f"q{i}", prompt=prompt, prompt_ids=ids(prompt, eos=False), answer=str(a + b), ref_cot=cots[0],
+            ref_cot_ids=ids(cots[0]), cots=cots, cot_ids=[ids(c) for c in cots],
+            sample_logp=[-20.0, -21.0, -22.0], sample_token_logp=[[]] * 3, finish_reasons=["stop"] * 3,
+            pred=[c.rsplit(" ", 1)[1] for c in cots], labels=["correct", "wrong_answer", "wrong_answer"],
+            correct=[True, False, False], process=[1.0, 0.0, 0.0], rank=[1, 2, 2], counts=[1] * 3,
+            num_sampled=3, weights_version=0))
     return rows
 
 
@@ -121,7 +125,7 @@ def test_local_stage_without_ray(tmp_path, tiny_model_path):
     assert result.metrics["steps"] == 4 and [h["step"] for h in result.history] == [1, 2, 3, 4]
     assert result.history[-1]["vft"] < result.history[0]["vft"]
     assert result.metrics["tokens"] > 0 and result.metrics["tokens_per_s"] > 0
-    assert StageResult.load(result.checkpoint).metrics == result.metrics
+    assert StageResult.load(tmp_path).metrics == result.metrics
     reloaded = load_model(result.checkpoint)
     assert not torch.equal(logits(reloaded, tokenizer), logits(load_model(tiny_model_path), tokenizer))
 
@@ -137,21 +141,53 @@ def trained_weights(checkpoint: Path, zero_stage: int) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "deepspeed"), tag="state")
 
 
+def adam_steps(checkpoint: Path) -> set[int]:
+    """The `step` counts of Adam's per-parameter states (beside `exp_avg`) in a DeepSpeed checkpoint."""
+    steps = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            if "exp_avg" in x and "step" in x:
+                steps.add(int(x["step"]))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    for f in (checkpoint / "deepspeed" / "state").glob("*.pt"):
+        walk(torch.load(f, weights_only=False))
+    return steps
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_train_service_runs_stages_on_the_same_workers(ray_local, tmp_path, tiny_model_path, zero_stage):
-    """Two stages on one long-lived worker group: the second starts from the first's weights; the mid-stage
-    checkpoint's HF export holds exactly the weights DeepSpeed trained; the final weights reload."""
+def test_train_service_keeps_the_policy_between_stages(ray_local, tmp_path, tiny_model_path, zero_stage):
+    """Three stages on one long-lived worker group. The second continues the first: it loads nothing, its
+    learning rate goes on along one schedule and Adam's moments carry over (the end state counts 12 steps);
+    the third starts a new optimizer on the weights it holds. The mid-stage checkpoint's HF export holds exactly
+    the weights DeepSpeed trained; the final weights reload; the inbox keeps nothing it has finished."""
+    import ray
+
     from aftray.models import load_model, load_tokenizer
     from aftray.train.service import TrainService
 
     tokenizer = load_tokenizer(tiny_model_path)
-    train = small_train(zero_stage=zero_stage, checkpoint_every=3)
+    train = small_train(zero_stage=zero_stage, checkpoint_every=3, min_lr_ratio=0.0)
+    loss = LossConfig(name="aft_bc")
     with TrainService(train, tmp_path / "ray", keep_state=True) as service:
-        first = service.train("align", make_groups(tokenizer), tiny_model_path, tmp_path / "a", train,
-                              LossConfig(name="aft_bc"))
-        second = service.train("align", make_groups(tokenizer), first.checkpoint, tmp_path / "b", train,
-                               LossConfig(name="aft_bc"))
+        first = service.train("align", make_groups(tokenizer), tiny_model_path, tmp_path / "a", train, loss,
+                              name="a", schedule=(0, 12))
+        second = service.train("align", make_groups(tokenizer), "/nonexistent", tmp_path / "b", train, loss,
+                               name="b", init="continue", after="a", schedule=(6, 12))
+        # the end state the second left in Ray Train's storage: Adam's step count went on from the first's
+        steps = adam_steps(tmp_path / "ray" / "train" / "b_end")
+        third = service.train("align", make_groups(tokenizer), "/nonexistent", tmp_path / "c", train, loss,
+                              name="c", init="reset", after="b", save_weights=False, push_weights=True)
+        assert ray.get(service.inbox.pending.remote()) == 0
+        # the weights the third pushed (owned by its workers: read while they live) are those they trained
+        from aftray.weights import from_payload
+        pushed = from_payload(ray.get(third.weights[0]))
     losses = [h["loss"] for h in first.history]
     assert [h["step"] for h in first.history] == list(range(1, 7)) and first.metrics["restarts"] == []
     assert losses[-1] < losses[0] and first.metrics["steps"] == 6
@@ -159,39 +195,55 @@ def test_train_service_runs_stages_on_the_same_workers(ray_local, tmp_path, tiny
     assert h["groups"] == 4 and 0 <= h["pair_acc"] <= 1 and h["grad_norm"] > 0 and h["tokens_per_s"] > 0
     assert len(first.metrics["peak_rss_mb"]) == 2 and len(set(first.metrics["worker_pids"])) == 2
     assert second.metrics["worker_pids"] == first.metrics["worker_pids"]  # the same processes
+    assert (first.metrics["policy"], second.metrics["policy"], third.metrics["policy"]) == \
+        ("loaded", "kept", "new_optimizer")
+    # one schedule over both stages: warm-up once, then one cosine down to 0 at step 12
+    lrs = [h["lr"] for h in first.history + second.history]
+    assert lrs == [lr_at(i, 12, train) for i in range(12)] and lrs[6] < lrs[5]
+    assert steps == {12}
     assert second.history[0]["loss"] < first.history[0]["loss"]  # it started from the trained weights
+    assert third.checkpoint is None and third.weights is not None  # pushed, not saved
+    assert third.history[0]["lr"] == lr_at(0, 6, train)  # a new optimizer: warm-up again
 
-    mid = tmp_path / "ray" / "train" / "align_b_step_000003"  # the run keeps the latest checkpoint only
+    mid = tmp_path / "ray" / "train" / "c_step_000003"  # the run keeps the latest checkpoint only
     exported = load_model(mid)
     trained = load_model(tiny_model_path)
     missing, unexpected = trained.load_state_dict(trained_weights(mid, zero_stage), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
     assert torch.equal(logits(exported, tokenizer), logits(trained, tokenizer))
     for result in (first, second):
-        assert (result.checkpoint / "train_result.json").is_file()
+        assert (result.stage_dir / "train_result.json").is_file()
     assert not torch.equal(logits(load_model(first.checkpoint), tokenizer),
                            logits(load_model(tiny_model_path), tokenizer))
+    model = load_model(tiny_model_path)
+    model.load_state_dict(pushed)
+    assert not torch.equal(logits(model, tokenizer), logits(load_model(second.checkpoint), tokenizer))
 
 
 @pytest.mark.slow
 def test_ray_stage_resumes_after_a_worker_dies(ray_local, tmp_path, tiny_model_path):
-    """A worker dies in the second stage: the restarted group skips the finished first stage and resumes the
-    second from its last checkpoint; it ends with the same number of steps."""
+    """A worker dies in the second stage, which continues the first: the restarted group skips the finished
+    first stage and resumes the second from its last mid-stage checkpoint (model and optimizer); it ends with
+    the same number of steps, and the restarted group keeps it for the third."""
     from aftray.models import load_tokenizer
     from aftray.train.service import TrainService
 
     tokenizer = load_tokenizer(tiny_model_path)
     train = small_train(zero_stage=2, checkpoint_every=2)
+    loss = LossConfig(name="aft_bc")
     with TrainService(train, tmp_path / "ray") as service:
-        first = service.train("align", make_groups(tokenizer), tiny_model_path, tmp_path / "a", train,
-                              LossConfig(name="aft_bc"))
+        first = service.train("align", make_groups(tokenizer), tiny_model_path, tmp_path / "a", train, loss,
+                              name="a")
         FAULT_FILE.write_text("4")  # rank 1 exits instead of reporting step 4's checkpoint: the last is step 2
-        second = service.train("align", make_groups(tokenizer), first.checkpoint, tmp_path / "b", train,
-                               LossConfig(name="aft_bc"))
+        second = service.train("align", make_groups(tokenizer), "/nonexistent", tmp_path / "b", train, loss,
+                               name="b", init="continue", after="a")
+        third = service.train("align", make_groups(tokenizer), "/nonexistent", tmp_path / "c", train, loss,
+                              name="c", init="continue", after="b")
     assert not FAULT_FILE.exists()  # the fault fired
     assert first.metrics["restarts"] == [] and second.metrics["restarts"] == [2]
     assert second.metrics["steps"] == 6 and [h["step"] for h in second.history] == list(range(1, 7))
     assert second.metrics["worker_pids"] != first.metrics["worker_pids"]  # a new worker group
+    assert (second.metrics["policy"], third.metrics["policy"]) == ("restored", "kept")
     assert not (tmp_path / "ray").exists() and (second.checkpoint / "model.safetensors").is_file()
 
 

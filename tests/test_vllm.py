@@ -245,9 +245,19 @@ def test_cuda_build(tiny_model_path, tmp_path):
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=7)
     first = engine.generate(prompts, params)
     assert tokens(engine.generate(prompts[::-1], params)[1]) == tokens(first[0])
+    # bf16 decode vs prefill kernels differ ~1e-2 per token, so a COT's sum drifts with its length: bound the mean
+    n_tok = [len(c.token_ids) for c in first[0]]
+    prefill = engine._prompt_logprobs([prompts[0] + c.token_ids for c in first[0]], from_cache=False)
+    for c, out in zip(first[0], prefill):
+        mine = [out.prompt_logprobs[len(prompts[0]) + i][t].logprob for i, t in enumerate(c.token_ids)]
+        assert sum(abs(a - b) for a, b in zip(c.logprobs, mine)) / len(mine) < 0.05
     scores = engine.score([prompts[0]] * 4, tokens(first[0]))
-    assert [sum(c.logprobs) for c in first[0]] == pytest.approx(scores, abs=1e-2)
+    assert all(abs(sum(c.logprobs) - s) / n < 0.05 for c, s, n in zip(first[0], scores, n_tok))
     before = [tokens(cs) for cs in engine.generate(prompts, GREEDY)]
+    model = load_model(tiny_model_path).cuda()  # the trainer's fp32 view: the same greedy start
+    for p, (greedy,) in zip(prompts, before):
+        ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=4, do_sample=False)[0, len(p):]
+        assert greedy[:4] == ref.tolist()[:4]
     engine.load_weights(save_scaled(tiny_model_path, tmp_path / "scaled", 3.0), 1)
     assert [tokens(cs) for cs in engine.generate(prompts, GREEDY)] != before
     engine.load_weights(tiny_model_path, 2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import ray
 
@@ -85,7 +84,7 @@ def greedy_accuracy(pool, rows: list[dict], r: int, cfg: Config, answer_kind: st
     return sum(bool(len(g["correct"]) and g["correct"][0]) for g in correct) / len(correct)
 
 
-def write_sample_text(groups: list[dict], path: Path, per_label: int) -> None:
+def sample_text(groups: list[dict], per_label: int) -> str:
     """A few positive and negative COTs of the round, for people reading the run (MLflow text artifact)."""
     lines = []
     for label in ("correct", "wrong_answer", "no_answer", "truncated"):
@@ -96,5 +95,4 @@ def write_sample_text(groups: list[dict], path: Path, per_label: int) -> None:
                     lines.append(f"=== {label} | question {row['id']} | gold {row['answer']} | pred {pred!r}\n"
                                  f"{row['prompt'][-300:]}\n--- COT ---\n{cot}\n")
                     shown += 1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) or "(no samples)\n")
+    return "\n".join(lines) or "(no samples)\n"

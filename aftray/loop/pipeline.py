@@ -1,12 +1,14 @@
 """Rollout joined with verify: question rows stream through the pool's engines (rows with their completions) and
 on through verify (group rows, docs/internals.md), one lazy Ray Data pipeline, so that sampling, verifying and
-writing overlap. Verify's seconds land in the pool's round stats (`time_verify_s`).
+writing overlap. Verify's seconds and mixed-group count land in the pool's round stats (`time_verify_s`,
+`mixed_groups`); the group rows stay in Ray's object store (the trainer gets refs to them) and in the round's
+parquet folder, never in the driver.
 
 Dynamic sampling (`sample_round` with `loop.min_mixed_groups`): a group whose COTs are all right or all wrong
 gives the alignment term no pair, so a round keeps sampling fresh questions until it has enough mixed groups, or
 has used its questions (`loop.max_oversample` x `loop.questions_per_round`), as verl, OpenRLHF and DAPO do.
 They then drop the other groups; here samples.parquet keeps every group. Under a pairwise loss (AFT, DPO, ORPO:
-`losses.needs_pairs`) the stage trains each other group's reference COT alone (`rounds.mixed_or_reference`):
+`losses.needs_pairs`) the stage trains each other group's reference COT alone (`StageJob.mixed_or_reference`):
 AFT's VFT term learns from every question, while samples without a pair, which would cost k forward and
 backward passes each and add nothing to the loss, are left out. Losses that learn from such groups (RFT from
 all-right ones, the ranked losses from rank levels) train on every group whole."""
@@ -17,11 +19,11 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from aftray.config import VerifyConfig
 from aftray.rollout import Completion, RolloutPool, SamplingParams
+from aftray.rows import GROUP_SCHEMA, is_mixed
 from aftray.verify import verify_group
 
 
@@ -30,8 +32,9 @@ def _verify_batch(batch: pa.Table, router, round: int, cfg: VerifyConfig, answer
     start = time.perf_counter()
     groups = [verify_group(row, [Completion(**c) for c in row["completions"]], cfg, answer_kind, continuations)
               for row in batch.to_pylist()]
-    ray.get(router.add.remote(round, {"time_verify_s": time.perf_counter() - start}))  # in before the rows
-    return pa.Table.from_pylist(groups)
+    ray.get(router.add.remote(round, {"time_verify_s": time.perf_counter() - start,  # in before the rows
+                                      "mixed_groups": sum(is_mixed(g) for g in groups)}))
+    return pa.Table.from_pylist(groups, schema=GROUP_SCHEMA)
 
 
 def sample_groups(pool: RolloutPool, questions: ray.data.Dataset, round: int, cfg: VerifyConfig,
@@ -46,17 +49,19 @@ def sample_groups(pool: RolloutPool, questions: ray.data.Dataset, round: int, cf
 
 
 def sample_round(pool: RolloutPool, questions: list[dict], first: int, min_mixed: int, out: Path, round: int,
-                 cfg: VerifyConfig, answer_kind: str) -> None:
-    """Group rows of `questions`, taken in order, into the parquet folder `out`: the first `first`, then more
-    while `out` holds fewer than `min_mixed` mixed groups and questions remain; each further batch is sized by
-    the mixed fraction so far to reach `min_mixed`."""
-    used, take = 0, first
+                 cfg: VerifyConfig, answer_kind: str) -> list[ray.ObjectRef]:
+    """Group rows of `questions`, taken in order, into the parquet folder `out` and Ray's object store: the
+    first `first`, then more while the round has fewer than `min_mixed` mixed groups and questions remain;
+    each further batch is sized by the mixed fraction so far to reach `min_mixed`. Returns refs to the rows'
+    arrow blocks (what the trainer reads)."""
+    used, take, blocks = 0, first, []
     while True:
-        batch = ray.data.from_items(questions[used:used + take])
-        sample_groups(pool, batch, round, cfg, answer_kind).write_parquet(str(out))  # appends its files
+        groups = sample_groups(pool, ray.data.from_items(questions[used:used + take]), round, cfg,
+                               answer_kind).materialize()
+        groups.write_parquet(str(out))  # the round's record; appends its files
+        blocks += groups.to_arrow_refs()
         used += take
-        correct = pq.read_table(out, columns=["correct"]).column("correct").to_pylist()
-        mixed = sum(any(c) and not all(c) for c in correct)
+        mixed = pool.metrics(round).get("mixed_groups", 0)
         if mixed >= min_mixed or used >= len(questions):
-            return
+            return blocks
         take = min(len(questions) - used, math.ceil((min_mixed - mixed) * used / max(mixed, 1)))

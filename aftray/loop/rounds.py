@@ -5,9 +5,16 @@ Offline mode (the paper's recipe) is the same loop with R = 1: round 0 runs the 
 a fresh slice of questions each round with the current weights. With `loop.overlap`, round r+1's rollout runs
 while round r trains (its samples are one round stale); by default the loop is strictly on-policy.
 
-A round is the unit of resume: its samples, checkpoint and metrics.json are durable, and a re-run with the same
-run name continues after the last finished round without redoing finished work (samples or a finished stage
-found on disk are reused).
+The policy stays in memory. The train workers keep model and optimizer from one align stage to the next (a
+run's first align stage starts a new optimizer on the VFT weights), the learning rate follows one schedule
+over the run's align steps, and the new weights reach the samplers through Ray's object store
+(`rollout.weight_sync`), so a round need not write a folder. Rows stay out of the driver: the round's groups
+go from Ray Data's blocks to the trainer as object refs, and its metrics are computed by a task beside them.
+
+A checkpointed round is the unit of resume (`loop.checkpoint_every`: its weights in rounds/<r>/checkpoint,
+the trainer's optimizer in Ray Train's storage): a re-run with the same run name continues after the last
+finished round that has one, without redoing finished work (samples or a finished stage found on disk are
+reused); later rounds are redone.
 """
 from __future__ import annotations
 
@@ -23,11 +30,12 @@ import ray
 
 from aftray.cluster import check_cluster_fits, start_ray
 from aftray.config import Config, flatten, save_config, to_dict
-from aftray.loop.evaluate import NOT_EVALUATED, Evaluator, write_sample_text
+from aftray.loop.evaluate import NOT_EVALUATED, Evaluator, sample_text
 from aftray.loop.pipeline import sample_round
 from aftray.models import load_tokenizer, resolve_model_path
 from aftray.rollout import RolloutPool, question_rows
 from aftray.run.console import generated, phase, phase_line, progress, result_line
+from aftray.rows import question_group_row
 from aftray.run.metrics import sample_metrics
 from aftray.run.plots import plot_run
 from aftray.run.rundir import RunDir, write_summary
@@ -35,6 +43,7 @@ from aftray.run.tracking import Tracker, mlflow_name
 from aftray.tasks import load_task
 from aftray.train.losses import needs_pairs
 from aftray.train.service import TrainService
+from aftray.train.stage import planned_steps
 
 log = logging.getLogger("aftray")
 
@@ -53,20 +62,15 @@ def round_questions(rows: list[dict], cfg: Config, r: int) -> list[dict]:
     return [rows[order[(i + (r - 1) * n) % len(rows)]] for i in range(min(n, len(rows)))]
 
 
-NO_SAMPLES = {"cots": [], "cot_ids": [], "sample_logp": [], "sample_token_logp": [], "finish_reasons": [],
-              "pred": [], "labels": [], "correct": [], "process": [], "rank": [], "counts": []}
+@ray.remote(num_cpus=0)
+def summarize_round(groups, k: int, per_label: int) -> tuple[dict, str]:
+    """The round's sample metrics and a few of its COTs as text, computed beside the rows (the driver gets the
+    numbers alone). groups: refs to Ray Data's arrow blocks, or the samples' parquet folder."""
+    import pyarrow.parquet as pq
 
-
-def vft_rows(rows: list[dict]) -> list[dict]:
-    """Question rows as group rows without samples: the VFT stage learns their reference COTs."""
-    return [{**{k: row[k] for k in ("id", "prompt", "prompt_ids", "answer", "ref_cot", "ref_cot_ids")},
-             **NO_SAMPLES, "num_sampled": 0, "weights_version": 0} for row in rows]
-
-
-def mixed_or_reference(groups: list[dict]) -> list[dict]:
-    """Dynamic sampling's training rows: a mixed group whole, any other group with its reference COT alone (for
-    the VFT term). Its samples would give the alignment term no pair, yet cost k forward and backward passes."""
-    return [g if any(g["correct"]) and not all(g["correct"]) else {**g, **NO_SAMPLES} for g in groups]
+    tables = ray.get(groups) if isinstance(groups, list) else [pq.read_table(groups)]
+    rows = sorted((row for t in tables for row in t.to_pylist()), key=lambda row: row["id"])
+    return sample_metrics(rows, k), sample_text(rows, per_label)
 
 
 class Run:
@@ -86,22 +90,48 @@ class Run:
                  len(self.eval_rows), self.base_model)
         start_ray(cfg)
         check_cluster_fits(cfg)
-        self.finished = self.dir.finished_rounds()
+        self.finished = self.resume_point()
         # weights are labelled with the round that produced them; the base model, before any round, is -1
         self.version = max(self.finished, default=-1)
-        self.weights = self.checkpoint_of(self.version)
+        self.weights: str | Path | ray.ObjectRef = self.checkpoint_of(self.version)
         self.pool = RolloutPool(cfg.rollout, self.weights, version=self.version)
         self.evaluator = Evaluator(cfg, self.pool, self.task.answer_kind, self.eval_rows, self.dir)
         self.owns_trainer = trainer is None
         self.trainer = trainer or TrainService(cfg.train, self.dir.root / "train_state",
                                                cfg.cluster.placement_strategy)
+        self.groups: dict[int, list] = {}  # round -> refs to its group rows' blocks (until it trains)
+        # align steps taken so far: where the next stage starts on the run's learning-rate schedule
+        self.align_steps = sum(self.dir.read_round_metrics(r).get("train_steps", 0) for r in self.finished if r)
+
+    def resume_point(self) -> list[int]:
+        """The finished rounds a re-run keeps: up to the last one whose weights are on disk (round 0 always
+        counts: its weights are the VFT stage's checkpoint or the base model). Later rounds are redone: their
+        folders go, except the next round's samples (drawn by the kept weights) and a stage that finished with
+        its weights saved (read back: its end state is the trainer's latest checkpoint)."""
+        finished = self.dir.finished_rounds()
+        last = max((r for r in finished if r == 0 or self.saved(r)), default=-1)
+        for r in range(last + 1, max(finished, default=-1) + 2):
+            folder = self.dir.round_dir(r)
+            if self.saved(r) or not folder.exists():
+                continue
+            for path in folder.iterdir():
+                if not (r == last + 1 and path == self.dir.samples_path(r)):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return [r for r in finished if r <= last]
+
+    def saved(self, r: int) -> bool:
+        return (self.dir.checkpoint_dir(r) / "config.json").is_file()
 
     def checkpoint_of(self, r: int) -> Path:
         """Weights after round r (round 0: after the VFT stage, if there was one); the base model before any."""
         for k in range(r, -1, -1):
-            if (self.dir.checkpoint_dir(k) / "config.json").is_file():
+            if self.saved(k):
                 return self.dir.checkpoint_dir(k)
         return self.base_model
+
+    def stage_name(self, r: int) -> str:
+        """Unique among the runs a comparison's service trains, the same after a restart."""
+        return f"{self.cfg.run_name}.{'vft' if r == 0 else 'align'}_{r}"
 
     # -------------------------------------------------------------------------------------------- phases
     def rollout(self, r: int) -> dict:
@@ -114,8 +144,8 @@ class Run:
         first = self.cfg.loop.questions_per_round if self.cfg.loop.mode == "online" else len(questions)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        sample_round(self.pool, questions, first, self.cfg.loop.min_mixed_groups, tmp, r, self.cfg.verify,
-                     self.task.answer_kind)
+        self.groups[r] = sample_round(self.pool, questions, first, self.cfg.loop.min_mixed_groups, tmp, r,
+                                      self.cfg.verify, self.task.answer_kind)
         tmp.rename(out)
         wall = time.perf_counter() - start
         stats = self.pool.metrics(r)  # verify seconds and generated tokens, summed over the round's batches
@@ -123,16 +153,33 @@ class Run:
                 "rollout_tokens": stats["rollout_tokens"], "truncated_prompts": stats["truncated_prompts"]}
 
     def train(self, r: int, stage: str = "align") -> dict:
-        if stage == "vft":
-            groups = vft_rows(self.train_rows)
+        cfg = self.cfg
+        every, last = cfg.loop.checkpoint_every, cfg.loop.rounds
+        sync = cfg.rollout.weight_sync  # resolved by the config: object_store, nccl or folder
+        options = {"name": self.stage_name(r), "save_weights": r == 0 or r % every == 0 or r == last,
+                   "push_weights": sync == "object_store"}
+        if sync == "nccl":  # trainer rank 0 broadcasts to the engines; they then hold version r
+            dtype = "float32" if cfg.rollout.dtype == "float32" else "bfloat16"
+            options["nccl_engines"] = (self.pool.engines, cfg.rollout.tensor_parallel_size, dtype, r)
+        if stage == "vft":  # rows built here from the question table, handed over as one object ref
+            groups = [ray.put([question_group_row(row) for row in self.train_rows])]
         else:
+            # the round's blocks, or its parquet folder when the samples were read back on a resume
+            groups = self.groups.pop(r, None) or self.dir.samples_path(r)
+            per_round = len(self.train_rows) if cfg.loop.mode == "offline" else cfg.loop.questions_per_round
             # dynamic sampling oversamples to find mixed groups; the others' samples add nothing to a pairwise loss
-            groups = mixed_or_reference(self.dir.read_samples(r)) if self.cfg.loop.min_mixed_groups and \
-                needs_pairs(self.cfg.loss) else self.dir.samples_path(r)
+            options.update(init="reset" if r == 1 else "continue", after=self.stage_name(r - 1),
+                           schedule=(self.align_steps, planned_steps(cfg.train, per_round, cfg.loop.rounds)),
+                           mixed_or_reference=bool(cfg.loop.min_mixed_groups) and needs_pairs(cfg.loss))
         start = time.perf_counter()
-        result = self.trainer.train(stage, groups, self.weights, self.dir.round_dir(r), self.cfg.train,
-                                    self.cfg.loss, trust_remote_code=self.cfg.model.trust_remote_code)
-        self.weights = result.checkpoint
+        result = self.trainer.train(stage, groups, self.checkpoint_of(r - 1), self.dir.round_dir(r),
+                                    cfg.train, cfg.loss, trust_remote_code=cfg.model.trust_remote_code, **options)
+        # the samplers' next weights: pushed to the object store, else the last folder (the stage's own under
+        # weight_sync=folder or on a resume; under nccl the engines hold them already and skip it, and an engine
+        # that Ray restarts loads it until the next push)
+        self.weights = result.weights[0] if result.weights else self.checkpoint_of(r)
+        if stage == "align":
+            self.align_steps += result.metrics["steps"]
         return {"time_train_s": time.perf_counter() - start, "train_compute_s": result.metrics["train_time_s"],
                 "train_loss": result.metrics["train_loss"],
                 "train_steps": result.metrics["steps"], "train_tokens_per_s": result.metrics["tokens_per_s"],
@@ -170,10 +217,11 @@ class Run:
             with progress(f"round {r} rollout", generated(self.pool, r)):
                 prefetched = self.rollout(r)
         metrics = {"round": r, **prefetched}
-        groups = self.dir.read_samples(r)
-        metrics.update(sample_metrics(groups, self.cfg.rollout.k))
+        sampled, text = ray.get(summarize_round.remote(self.groups.get(r) or str(self.dir.samples_path(r)),
+                                                       self.cfg.rollout.k, self.cfg.loop.samples_to_log))
+        metrics.update(sampled)
         metrics["rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / max(metrics["time_rollout_s"], 1e-9)
-        write_sample_text(groups, self.dir.round_dir(r) / "samples.txt", self.cfg.loop.samples_to_log)
+        (self.dir.round_dir(r) / "samples.txt").write_text(text)
         # rollout-side assessment is the sampling policy judging its own samples; the evaluator re-scores a
         # fixed held-out candidate set with the trained weights (the `assessment_accuracy` of the round)
         metrics = {f"rollout_{k}" if k in ("assessment_accuracy", "mean_score_pos", "mean_score_neg",

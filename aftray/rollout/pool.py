@@ -24,7 +24,6 @@ import asyncio
 import logging
 import os
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from aftray.cluster import actor_options
 from aftray.config import RolloutConfig
 from aftray.rollout.engine import Engine, SamplingParams, derive_seed
 from aftray.rollout.questions import encode_prompt
+from aftray.weights import from_payload, put_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +50,6 @@ class Weights:
     weights only when it does not hold that version yet)."""
     version: int
     source: None | str | list = None
-
-
-def put_state_dict(state_dict: dict) -> ray.ObjectRef:
-    """A state dict into the object store as numpy arrays, which Ray reads zero-copy (3 ms for SmolLM2-135M,
-    against seconds for pickled torch tensors). bf16 has no numpy type and travels as its int16 bits."""
-    import torch
-
-    arrays = {}
-    for name, t in state_dict.items():
-        t = t.detach().cpu().contiguous()
-        arrays[name] = ((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy(), str(t.dtype))
-    return ray.put(arrays)
-
-
-def _state_dict_from_store(arrays: dict) -> dict:
-    import torch
-
-    with warnings.catch_warnings():  # store arrays are read-only; the engine only copies out of them
-        warnings.simplefilter("ignore", UserWarning)
-        return {name: torch.from_numpy(a).view(getattr(torch, dtype.removeprefix("torch.")))
-                for name, (a, dtype) in arrays.items()}
 
 
 def truncate_prompts(prompts: list[list[int]], names: list, limit: int, strict: bool
@@ -117,7 +96,15 @@ class EngineActor:
         if weights.source is None or isinstance(weights.source, str):
             self.engine.load_weights(weights.source or self.model_path, weights.version)
         else:
-            self.engine.update_weights(_state_dict_from_store(ray.get(weights.source[0])), weights.version)
+            self.engine.update_weights(from_payload(ray.get(weights.source[0])), weights.version)
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Join trainer rank 0's NCCL group (rollout.weight_sync=nccl; `aftray.train.nccl_push` calls it)."""
+        self.engine.init_weight_transfer(init_info)
+
+    def receive_weights(self, update_info: dict, version: int | None) -> None:
+        """The weights trainer rank 0 broadcasts, in place (`aftray.train.nccl_push`)."""
+        self.engine.receive_weights(update_info, version)
 
     def generate(self, rows: list[dict], round: int, params: SamplingParams, weights: Weights):
         self.sync(weights)
@@ -243,6 +230,11 @@ class RolloutPool:
     def version(self) -> int:
         return self._weights.version
 
+    @property
+    def engines(self) -> list:
+        """The engine actors' handles (a trainer pushing weights over NCCL calls them directly)."""
+        return list(self._engines)
+
     def engine_pids(self) -> list[int]:
         return ray.get([e.pid.remote() for e in self._engines])
 
@@ -263,14 +255,15 @@ class RolloutPool:
             fn_kwargs={"router": self.router, "round": round, "params": params})
 
     def refresh(self, weights: str | Path | dict | ray.ObjectRef, version: int) -> float:
-        """New weights into every engine, in place: a checkpoint folder (read by each engine, so on storage
-        every node sees), a state dict (put in the object store here) or a ref from `put_state_dict`.
+        """New weights into every engine, in place: a ref from `aftray.weights.put_weights` (what a train
+        worker puts after its stage: `rollout.weight_sync=object_store`), a state dict (put here), or a
+        checkpoint folder (read by each engine, so on storage every engine's node sees: `folder`).
         `version` must name these weights alone (engines skip a version they hold). Returns wall seconds."""
         start = time.perf_counter()
         if isinstance(weights, (str, Path)):
             source: str | list = str(Path(weights).absolute())
         else:
-            source = [weights if isinstance(weights, ray.ObjectRef) else put_state_dict(weights)]
+            source = [weights if isinstance(weights, ray.ObjectRef) else put_weights(weights)]
         self._weights = Weights(version, source)
         ray.get(self.router.refresh.remote(self._weights))
         seconds = time.perf_counter() - start

@@ -185,6 +185,7 @@ class VLLMEngine(Engine):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         # a MC continuation's prompt is a prompt plus a whole COT (see EngineActor.continue_texts)
         max_model_len = min(max_positions, cfg.max_prompt_tokens + 2 * cfg.max_new_tokens)
+        nccl = cfg.weight_sync == "nccl"  # vLLM's NCCL weight transfer (init_weight_transfer)
         try:
             self.llm = vllm.LLM(
                 model=str(served), dtype=cfg.dtype if cfg.dtype != "auto" else
@@ -194,7 +195,11 @@ class VLLMEngine(Engine):
                 block_size=cfg.block_size or (None if on_gpu else CPU_BLOCK_SIZE),
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 kv_cache_memory_bytes=None if on_gpu else cfg.kv_cache_gb << 30,
-                enforce_eager=not on_gpu if cfg.enforce_eager is None else cfg.enforce_eager)
+                enforce_eager=not on_gpu if cfg.enforce_eager is None else cfg.enforce_eager,
+                tensor_parallel_size=cfg.tensor_parallel_size if on_gpu else 1,
+                # TP workers as processes of this actor on the GPUs Ray gave it ("ray" would ask Ray for more GPUs)
+                distributed_executor_backend="mp" if on_gpu and cfg.tensor_parallel_size > 1 else None,
+                weight_transfer_config={"backend": "nccl"} if on_gpu and nccl else None)
         except Exception as e:  # vLLM's own message is deep in a traceback of its engine core
             self.release_cores()
             raise RuntimeError(f"vLLM could not start model {model_path}: {type(e).__name__}: {e}") from e
@@ -264,11 +269,24 @@ class VLLMEngine(Engine):
         return self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], sampling, use_tqdm=False)
 
     def update_weights(self, state_dict: dict, version: int) -> None:
+        """A state dict in place. An engine core in this process takes the tensors themselves (vLLM's
+        `reload_weights(weights_iterator=...)`: no file, no copy but into the live weights); one in its own
+        process gets them through a safetensors file in shared memory (`collective_rpc` is not for bulk data)."""
+        missing = self.weight_names - state_dict.keys() - ({"lm_head.weight"} if self.tied_embed else set())
+        if missing:  # checked before anything is loaded: on bad weights the engine keeps its own and its version
+            raise ValueError(f"weights do not match the rollout model: missing {sorted(missing)[:5]}")
+        if self.tied_embed:  # the served copy is untied: its head is refreshed from the embedding
+            state_dict = {**state_dict, "lm_head.weight": state_dict[self.tied_embed]}
+        if self in _in_process:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})
+            self.llm.reset_prefix_cache()
+            self.version = version
+            return
         from safetensors.torch import save_file
 
         seen, unique = set(), {}
         for name, t in state_dict.items():  # safetensors refuses shared storage (tied embeddings)
-            if t.data_ptr() not in seen:
+            if name != "lm_head.weight" and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 unique[name] = t.detach().cpu().contiguous()
         tmp = _shm_dir()
@@ -303,6 +321,26 @@ class VLLMEngine(Engine):
         for f in self.core_locks:
             f.close()
         self.core_locks = []
+
+    # vLLM's NCCL weight transfer (GPU engines started with rollout.weight_sync=nccl; the trainer's half is
+    # aftray.train.nccl_push, which says how the two meet). Both calls block inside NCCL collectives, so the
+    # trainer must run its half at the same time, and every engine of the group must be called at once.
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Join trainer rank 0's NCCL group: `init_info` is vLLM's NCCLWeightTransferInitInfo as a dict
+        (master_address, master_port, rank_offset = 1 + this engine's index x tensor_parallel_size, world_size,
+        packed, packed_buffer_size_bytes, packed_num_buffers). Returns once every rank has joined."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def receive_weights(self, update_info: dict, version: int | None = None) -> None:
+        """One full update: `update_info` is NCCLWeightTransferUpdateInfo as a dict (names, dtype_names, shapes,
+        in the order trainer rank 0 broadcasts them). Returns when every tensor is received and loaded (vLLM's
+        layerwise reload, which also repacks what the backend repacks)."""
+        self.llm.start_weight_update()
+        self.llm.update_weights({"update_info": update_info})
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()  # its KV blocks came from the old weights
+        if version is not None:
+            self.version = version
 
 
 def _tensor_names(folder: Path) -> set[str]:

@@ -8,9 +8,12 @@ workers (`aftray.train.worker.serve`) take `StageJob`s from a `StageInbox` actor
     driver: service.train(...) ── inbox.post(job) ──► workers: job(i) ─► run_stage ─► rank 0: finish(i, out)
             waits on inbox.result(i) ◄─────────────────────────────────────────────────────┘
 
-A failed worker restarts the group (`max_failures`): it skips the finished stages and resumes the pending one
-from its last mid-stage checkpoint. A re-run after a driver crash resumes from the Ray Train run left under
-`storage`; a stage whose `<stage_dir>/checkpoint/train_result.json` exists is not redone.
+The workers keep the policy (model and optimizer) from one stage to the next (`aftray.train.worker`). A failed
+worker restarts the group (`max_failures`): it skips the finished stages and resumes the pending one from the
+latest checkpoint in `storage` (its own mid-stage one, or the end state of the stage it continues). A re-run
+after a driver crash resumes from the Ray Train run left under `storage` the same way; a stage whose
+`<stage_dir>/train_result.json` exists is not redone. `storage` is what a multi-node run must share (NFS, or
+`s3://`, as Ray Train's `storage_path`).
 """
 from __future__ import annotations
 
@@ -36,31 +39,40 @@ POLL_S = 0.05  # how often the inbox's waiting calls look again: far below a sta
 
 @ray.remote(num_cpus=0)
 class StageInbox:
-    """The stages posted by the driver (index -> job; None = stop) and the results rank 0 sends back."""
+    """The stages posted by the driver (index -> job; None = stop) and the results rank 0 sends back. A job is
+    dropped once finished and a result once the driver has it: a service that trains a comparison's dozens of
+    runs holds only what is pending."""
 
     def __init__(self):
-        self.jobs: list[StageJob | None] = []
+        self.jobs: dict[int, StageJob | None] = {}
         self.results: dict[int, dict] = {}
+        self.posted = 0
 
     def post(self, job: StageJob | None) -> int:
-        self.jobs.append(job)
-        return len(self.jobs) - 1
+        self.jobs[self.posted] = job
+        self.posted += 1
+        return self.posted - 1
 
     def first_unfinished(self) -> int:
-        return next((i for i in range(len(self.jobs)) if i not in self.results), len(self.jobs))
+        return min(self.jobs, default=self.posted)
 
     async def job(self, index: int) -> StageJob | None:
-        while index >= len(self.jobs):
+        while index not in self.jobs:
             await asyncio.sleep(POLL_S)
         return self.jobs[index]
 
     def finish(self, index: int, result: dict) -> None:
+        del self.jobs[index]
         self.results[index] = result
 
     async def result(self, index: int) -> dict:
         while index not in self.results:
             await asyncio.sleep(POLL_S)
-        return self.results[index]
+        return self.results.pop(index)
+
+    def pending(self) -> int:
+        """Jobs and results held (a test reads it)."""
+        return len(self.jobs) + len(self.results)
 
 
 class TrainService:
@@ -100,19 +112,22 @@ class TrainService:
             self.error = e
 
     def train(self, stage: str, groups, model_path: str | Path, stage_dir: str | Path, train: TrainConfig,
-              loss: LossConfig, *, trust_remote_code: bool = False) -> StageResult:
-        """Train one stage (see `aftray.train.stage`) from `model_path`; its weights go to <stage_dir>/checkpoint.
-        A finished stage (train_result.json present) is read back, not redone."""
-        final = Path(stage_dir).absolute() / "checkpoint"
-        if (final / RESULT_FILE).is_file():
-            return StageResult.load(final)
+              loss: LossConfig, *, trust_remote_code: bool = False, name: str | None = None,
+              **options) -> StageResult:
+        """Train one stage (see `aftray.train.stage`; `options` are `StageJob`'s: init, after, schedule,
+        save_weights, push_weights, mixed_or_reference). name: the stage's tag, unique among the runs this
+        service trains (default `<stage>_<stage_dir's name>`). A finished stage (train_result.json present) is
+        read back, not redone."""
+        stage_dir = Path(stage_dir).absolute()
+        if (stage_dir / RESULT_FILE).is_file():
+            return StageResult.load(stage_dir)
         if scaling_config_kwargs(train, self.scaling["placement_strategy"]) != self.scaling:
             raise ValueError(f"stage {stage} at {stage_dir}: its workers' placement differs from this service's "
                              f"({self.scaling}); start a TrainService for it")
         if self.thread is None:
             self.start()
-        job = StageJob.create(stage, f"{stage}_{Path(stage_dir).name}", groups, model_path, stage_dir, train, loss,
-                              trust_remote_code, on_ray=True)
+        job = StageJob.create(stage, name or f"{stage}_{stage_dir.name}", groups, model_path, stage_dir, train,
+                              loss, trust_remote_code, on_ray=True, **options)
         start = time.perf_counter()
         index = ray.get(self.inbox.post.remote(job))
         result = self.inbox.result.remote(index)
@@ -120,7 +135,7 @@ class TrainService:
             if not self.thread.is_alive():
                 raise RuntimeError(f"the Ray Train workers stopped before stage {job.name} finished "
                                    f"(storage {self.storage})") from self.error
-        out = StageResult.from_loop(final, ray.get(result), time.perf_counter() - start)
+        out = StageResult.from_loop(stage_dir, ray.get(result), time.perf_counter() - start)
         out.save()
         return out
 
@@ -146,7 +161,8 @@ def train_stage(stage: str, groups, model_path: str | Path, stage_dir: str | Pat
                 loss: LossConfig, *, trust_remote_code: bool = False, placement_strategy: str = "PACK",
                 keep_state: bool = False) -> StageResult:
     """Train one stage on Ray Train workers of its own (Ray must be initialised); see `TrainService.train`.
-    Ray Train's run (mid-stage checkpoints) is kept in `<stage_dir>/ray/` until the stage has finished.
+    Ray Train's run (mid-stage and end-state checkpoints) is kept in `<stage_dir>/ray/` until the stage has
+    finished.
 
     groups: a parquet path on storage every worker's node sees (the loop's run directory), or a list of rows
     (shipped with the job). Every worker reads all rows itself (they are token ids, small next to the model): a

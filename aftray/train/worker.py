@@ -2,10 +2,16 @@
 
 Under Ray, `serve` keeps a worker alive for the whole run and runs one stage per request (see
 `aftray.train.service`); without Ray, `train_stage_local` runs one. A stage (`run_stage`), top to bottom: the
-stage's group rows, in one order on every worker -> model under DeepSpeed (fresh from the stage's starting
-weights, fresh optimizer) -> resume -> optimizer steps (LR, micro-batches of whole question groups, loss from
-`OBJECTIVES`, `engine.step`) -> metrics -> mid-stage checkpoints through `ray.train.report` (Ray only) -> the
-final weights, written straight into the stage's folder. `import ray` happens on the Ray path only.
+stage's group rows, in one order on every worker -> the policy (model under DeepSpeed) it starts from, as the
+job's `init` says (`aftray.train.stage`): loaded, kept with a new optimizer, or kept whole -> resume ->
+optimizer steps (LR from the run's schedule, micro-batches of whole question groups, loss from `OBJECTIVES`,
+`engine.step`) -> metrics -> mid-stage checkpoints through `ray.train.report` (Ray only) -> the final weights:
+pushed to the object store, and/or written to the stage's folder with the end state (optimizer included) in
+Ray Train's storage. `import ray` happens on the Ray path only.
+
+The resident policy. A worker keeps its DeepSpeed engine between stages, so a run's align stages after the
+first load nothing and keep Adam's moments. A worker that lost it (a restarted worker group, a resumed run)
+restores model and optimizer from the end-state checkpoint of the stage it continues.
 
 Batching. Optimizer step t takes the next `per_step` groups of an endless stream: the groups in a seeded
 shuffled order, reshuffled on each pass. `per_step` is `questions_per_step` rounded up to a multiple of the
@@ -22,6 +28,7 @@ path without Ray has no mid-stage checkpoints.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import random
@@ -38,15 +45,14 @@ import torch.distributed as dist
 
 from aftray.config import LossConfig, TrainConfig
 from aftray.models import load_model, load_tokenizer
+from aftray.rows import TRAIN_COLUMNS, is_mixed, reference_only
 from aftray.train.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from aftray.train.stage import StageJob, StageResult
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config
 from aftray.train.losses import OBJECTIVES, sequences_needed
 from aftray.train.scores import collate_groups, logp_drift, score_groups
 
-# Group-row columns the loop reads (docs/internals.md); the texts stay behind.
-COLUMNS = ("id", "prompt_ids", "ref_cot_ids", "cot_ids", "sample_logp", "sample_token_logp", "correct", "rank",
-           "process")
+log = logging.getLogger("aftray")
 # Counts (and CPU seconds of all workers' processes); the rest are means.
 SUMMED = ("groups", "groups_no_pairs", "groups_with_both", "tokens", "truncated", "cpu_s")
 WEIGHTED_BY = {"pair_acc": "groups_with_both"}  # means over groups, pair accuracy over groups that have pairs
@@ -61,10 +67,11 @@ def train_stage_local(stage: str, groups: list[dict] | str | Path, model_path: s
     start = time.perf_counter()
     device = init_distributed(job.train.cpus_per_worker)
     try:
-        out = run_stage(job, device)
+        out, policy = run_stage(job, device)
+        policy.engine.destroy()
     finally:
         dist.destroy_process_group()
-    result = StageResult.from_loop(Path(job.out_dir), out, time.perf_counter() - start)
+    result = StageResult.from_loop(Path(stage_dir).absolute(), out, time.perf_counter() - start)
     if int(os.environ["RANK"]) == 0:
         result.save()
     return result
@@ -73,8 +80,9 @@ def train_stage_local(stage: str, groups: list[dict] | str | Path, model_path: s
 def serve(config: dict) -> None:
     """Ray Train's function on every worker of a `TrainService`: train each `StageJob` the driver posts to the
     inbox (config["inbox"], a `StageInbox` actor), in order, until it posts None. The worker process, its process
-    group and `import deepspeed` are paid once per run; each stage loads its starting weights afresh (a
-    restarted worker group skips the stages finished before and resumes the pending one from its checkpoint).
+    group, `import deepspeed` and the policy (model and optimizer) are kept from one stage to the next; a
+    restarted worker group skips the stages finished before and resumes the pending one from the latest
+    checkpoint (mid-stage, or the end state of the stage it continues).
 
     $AFTRAY_WORKER_SETUP names a Python file each worker runs first (tests inject worker faults with it)."""
     import ray  # Ray workers only: the path without Ray (`train_stage_local`, torchrun) never imports it
@@ -82,24 +90,95 @@ def serve(config: dict) -> None:
 
     if os.environ.get("AFTRAY_WORKER_SETUP"):
         runpy.run_path(os.environ["AFTRAY_WORKER_SETUP"])
-    device = init_distributed(config["cpus_per_worker"])
+    device = init_distributed(config["cpus_per_worker"], on_ray=True)
     inbox = config["inbox"]
     resume = ray.train.get_checkpoint()  # the latest checkpoint of this run (any stage); None on a fresh start
     index = ray.get(inbox.first_unfinished.remote())
+    policy, links = None, {}
     try:
         while (job := ray.get(inbox.job.remote(index))) is not None:
-            out = run_stage(job, device, resume)
+            out, policy = run_stage(job, device, resume, policy, links)
             if dist.get_rank() == 0:
                 ray.get(inbox.finish.remote(index, out))
             resume, index = None, index + 1
     finally:
+        if policy is not None:
+            policy.engine.destroy()
         dist.destroy_process_group()
 
 
-def run_stage(job: StageJob, device: torch.device, resume=None) -> dict:
-    """One stage on this worker (the process group is up). resume: a Ray checkpoint, used if it belongs to this
-    stage. Returns {"history": per-step records, "restarts": steps resumed from,
-    "setup_s": seconds of each phase, "worker_pids" and "peak_rss_mb": per rank}."""
+class Policy:
+    """What a worker keeps between stages: the DeepSpeed engine (model, optimizer, ZeRO partitions), the
+    tokenizer, the stage that left them, and the gradient-accumulation count the engine was built for."""
+
+    def __init__(self, engine, tokenizer, stage: str, accum: int):
+        self.engine, self.tokenizer, self.stage, self.accum = engine, tokenizer, stage, accum
+
+
+def build_engine(model, train: TrainConfig, accum: int, world: int, device: torch.device):
+    """`model` under DeepSpeed with a new AdamW."""
+    import deepspeed
+
+    on_gpu = device.type == "cuda"
+    offload = on_gpu and train.offload_optimizer  # then DeepSpeed's CPU Adam steps on the host
+    optimizer = None if offload else torch.optim.AdamW(
+        model.parameters(), lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay, fused=on_gpu)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model.parameters(),
+                                      config=deepspeed_config(train, accum, world, offload))
+    return engine
+
+
+def start_policy(job: StageJob, accum: int, device: torch.device, policy: Policy | None, resume
+                 ) -> tuple[Policy, dict | None, str]:
+    """The policy this stage starts from (see `aftray.train.stage`), the loop state of a checkpoint it was
+    restored from when that is this stage's own mid-stage one (step and history go on from it), and how it got
+    it: "kept" (model and optimizer as the last stage left them), "new_optimizer", "restored" (from a
+    checkpoint) or "loaded" (from job.model_path)."""
+    world = dist.get_world_size()
+    state = {}
+    if resume is not None:
+        with resume.as_directory() as path:
+            state = checkpoint_state(Path(path))
+    held = policy is not None and policy.stage == job.after and state.get("stage") != job.name
+    if held and job.init == "continue" and policy.accum == accum:
+        policy.stage = job.name
+        return policy, None, "kept"  # nothing to load, nothing to build
+    if policy is not None:
+        if held and job.init == "reset" and policy.engine.zero_optimization_stage() < 3:
+            model, tokenizer = policy.engine.module, policy.tokenizer  # the weights stay; the optimizer goes
+            policy.engine.destroy()
+            return (Policy(build_engine(model, job.train, accum, world, device), tokenizer, job.name, accum), None,
+                    "new_optimizer")
+        policy.engine.destroy()  # the state of another stage (another run's, after a reset under ZeRO-3)
+        policy = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if state and (state["stage"] == job.name or (job.init == "continue" and state["stage"] == job.after)):
+        with resume.as_directory() as path:  # model and optimizer as the checkpoint left them
+            tokenizer = load_tokenizer(path, job.trust_remote_code)
+            model = load_model(path, job.train.dtype, job.trust_remote_code, job.train.gradient_checkpointing)
+            engine = build_engine(model, job.train, accum, world, device)
+            load_checkpoint(engine, Path(path))
+        own = state if state["stage"] == job.name else None
+        return Policy(engine, tokenizer, job.name, accum), own, "restored"
+    if job.init == "continue":
+        raise RuntimeError(f"stage {job.name} continues {job.after}, whose model and optimizer this worker "
+                           f"does not hold and no checkpoint has (latest: {state.get('stage')!r}); the run "
+                           "resumes from its last checkpointed round")
+    tokenizer = load_tokenizer(job.model_path, job.trust_remote_code)
+    model = load_model(job.model_path, job.train.dtype, job.trust_remote_code,
+                       job.train.gradient_checkpointing)
+    return Policy(build_engine(model, job.train, accum, world, device), tokenizer, job.name, accum), None, "loaded"
+
+
+def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy | None = None,
+              links: dict | None = None) -> tuple[dict, Policy]:
+    """One stage on this worker (the process group is up). resume: the run's latest Ray checkpoint (used if it
+    belongs to this stage, or is the end state of the stage it continues); policy: what the last stage left;
+    links: connections kept across stages (the NCCL group to the rollout engines).
+    Returns ({"history": per-step records, "restarts": steps resumed from, "setup_s": seconds of each phase,
+    "weights": [object ref] when pushed, "policy": how it started (`start_policy`), "worker_pids" and
+    "peak_rss_mb": per rank}, the policy to keep)."""
     # start_s: from the driver's request to this worker starting the stage: a worker group's start-up on the
     # first stage (processes, imports, process group), ~0 for the stages after it
     setup = {"start_s": max(0.0, time.time() - job.posted_at)}
@@ -109,35 +188,29 @@ def run_stage(job: StageJob, device: torch.device, resume=None) -> dict:
         nonlocal mark
         setup[name], mark = time.perf_counter() - mark, time.perf_counter()
 
-    import deepspeed  # seconds on a worker's first stage; a served worker pays it once
+    import deepspeed  # noqa: F401  seconds on a worker's first stage; a served worker pays it once
 
+    links = {} if links is None else links
     lap("import_s")
     train, loss_cfg = job.train, job.loss
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = load_groups(job.groups)
+    if job.mixed_or_reference:
+        groups = [g if is_mixed(g) else reference_only(g) for g in groups]
     lap("load_groups_s")
     if not groups:
         raise ValueError(f"stage {job.stage}: no group rows to train on")
     per_step = -(-train.questions_per_step // world) * world
     accum = -(-(per_step // world) // train.micro_batch_questions)
     total_steps = train.steps_per_stage or -(-len(groups) // per_step)
+    schedule_start, schedule_total = job.schedule or (0, total_steps)
 
-    tokenizer = load_tokenizer(job.model_path, job.trust_remote_code)
-    model = load_model(job.model_path, train.dtype, job.trust_remote_code)
-    on_gpu = device.type == "cuda"
-    offload = on_gpu and train.offload_optimizer  # then DeepSpeed's CPU Adam steps on the host
-    optimizer = None if offload else torch.optim.AdamW(
-        model.parameters(), lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay, fused=on_gpu)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model.parameters(),
-                                      config=deepspeed_config(train, accum, world, offload))
+    policy, restored, started = start_policy(job, accum, device, policy, resume)
+    engine, tokenizer = policy.engine, policy.tokenizer
     lap("model_and_deepspeed_s")
-
     step, history, restarts = 0, [], []
-    if resume is not None:
-        with resume.as_directory() as path:
-            if checkpoint_state(Path(path)).get("stage") == job.name:
-                state = load_checkpoint(engine, Path(path))
-                step, history, restarts = state["step"], state["history"], state["restarts"] + [state["step"]]
+    if restored is not None:
+        step, history, restarts = restored["step"], restored["history"], restored["restarts"] + [restored["step"]]
     lap("resume_s")
 
     drift = first_step_drift(engine, groups, per_step, accum, job, tokenizer.pad_token_id, device) if step == 0 \
@@ -148,7 +221,7 @@ def run_stage(job: StageJob, device: torch.device, resume=None) -> dict:
     cpu_mark = time.process_time()
     while step < total_steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, total_steps, train)
+        lr = lr_at(schedule_start + step, schedule_total, train)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         mine = step_groups(groups, step, per_step, train.seed)[rank::world]
@@ -179,22 +252,70 @@ def run_stage(job: StageJob, device: torch.device, resume=None) -> dict:
         if step < total_steps and job.on_ray:  # the same steps on every rank
             if every > 0 and step % every == 0:
                 report(record, engine, tokenizer, {"stage": job.name, "step": step, "history": history,
-                                                   "restarts": restarts})
+                                                   "restarts": restarts}, f"step_{step:06d}")
             elif step % train.report_every == 0:
                 import ray.train  # on Ray only (see `serve`)
 
                 ray.train.report(record)
     lap("steps_s")
-    save_final(engine, tokenizer, Path(job.out_dir), {"stage": job.name, "step": step, "history": history})
+    weights = None
+    if job.nccl_engines and not send_over_nccl(engine, job, links):
+        weights = push_weights(engine)  # the NCCL group could not be set up: the object store instead
+    elif job.push_weights:
+        weights = push_weights(engine)
+    lap("push_s")
+    if job.save_weights:
+        save_final(engine, tokenizer, Path(job.out_dir), {"stage": job.name, "step": step, "history": history})
+        if job.on_ray:  # the end state, for a stage that continues this one after a restart or resume
+            report(history[-1], engine, tokenizer, {"stage": job.name, "step": step, "history": history,
+                                                    "restarts": restarts}, "end")
     lap("save_s")
 
     processes = [None] * world
     dist.all_gather_object(processes, (os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
-    engine.destroy()  # a served worker keeps running: free the model and optimizer before the next stage
-    if on_gpu:
-        torch.cuda.empty_cache()  # hand the cached blocks back (a sampler may share this GPU)
-    return {"history": history, "restarts": restarts, "setup_s": setup, "logp_drift": drift,
-            "worker_pids": [pid for pid, _ in processes], "peak_rss_mb": [rss for _, rss in processes]}
+    return ({"history": history, "restarts": restarts, "setup_s": setup, "logp_drift": drift, "weights": weights,
+             "policy": started,
+             "worker_pids": [pid for pid, _ in processes], "peak_rss_mb": [rss for _, rss in processes]}, policy)
+
+
+def send_over_nccl(engine, job: StageJob, links: dict) -> bool:
+    """Broadcast the weights from rank 0 to the rollout engines over NCCL (vLLM's weight transfer); the group
+    is set up on the first call and kept in `links`. False if it cannot be set up (it is not tried again):
+    the caller falls back to the object store. Collective. Not yet run on a GPU (docs/cluster.md)."""
+    from aftray.train import nccl_push
+
+    engines, tp, dtype, version = job.nccl_engines
+    dtype = getattr(torch, dtype)
+    if "nccl" not in links:
+        try:
+            links["nccl"] = nccl_push.connect(engines, engine.module, rank=dist.get_rank(),
+                                              tensor_parallel_size=tp, dtype=dtype)
+        except Exception as e:  # noqa: BLE001  the run goes on through the object store
+            log.warning("rollout.weight_sync=nccl: the NCCL group could not be set up (%s: %s); weights go "
+                        "through the object store", type(e).__name__, e)
+            links["nccl"] = None
+    if links["nccl"] is None:
+        return False
+    nccl_push.push(links["nccl"], version, engine.module, dtype)
+    return True
+
+
+def push_weights(engine) -> list | None:
+    """Rank 0 puts the full state dict (gathered layer by layer under ZeRO-3) in Ray's object store: [ref] on
+    rank 0, None elsewhere. Collective."""
+    weights = full_state_dict(engine)
+    if dist.get_rank() != 0:
+        return None
+    from aftray.weights import put_weights
+
+    return [put_weights(weights)]  # in a list: Ray hands the ref on as it is, unresolved
+
+
+def full_state_dict(engine) -> dict:
+    """The module's whole state dict on rank 0 (ZeRO-3 gathers its partitions there). Collective."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
 
 
 def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job: StageJob, pad_id: int,
@@ -203,7 +324,7 @@ def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job:
     sampled COTs (under dynamic sampling some rows train their reference COT alone): {"mean", "max", "tokens"}
     over all ranks, or {} when no row has any (a VFT stage)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    sampled = [g for g in groups if len(g.get("sample_token_logp", ()))]  # the same rows on every rank
+    sampled = [g for g in groups if any(map(len, g.get("sample_token_logp", ())))]  # the same rows on every rank
     if not sampled:
         return {}
     mine = step_groups(sampled, 0, per_step, job.train.seed)[rank::world]
@@ -219,13 +340,19 @@ def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job:
     return {"mean": sum(s for s, _, _ in parts) / tokens, "max": max(m for _, _, m in parts), "tokens": tokens}
 
 
-def init_distributed(cpus: float) -> torch.device:
-    """Join (Ray Train already set it up) or create the process group; pick this worker's device."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+def init_distributed(cpus: float, on_ray: bool = False) -> torch.device:
+    """Join (Ray Train already set it up) or create the process group; pick this worker's device: under Ray
+    the GPU Ray assigned to it (CUDA_VISIBLE_DEVICES is set per worker, so LOCAL_RANK need not index it)."""
+    if on_ray:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        device = torch.device("cpu")
         torch.set_num_threads(max(1, int(cpus)))  # as many threads as the CPUs it was given
     if not dist.is_initialized():  # torchrun's env vars, or a world of one on a free port
         if "WORLD_SIZE" not in os.environ:
@@ -242,14 +369,26 @@ def free_port() -> int:
 
 
 def load_groups(source) -> list[dict]:
-    """The stage's group rows (plain Python values), in the same order on every worker."""
-    if isinstance(source, (str, Path)):  # a parquet file or folder (Ray Data writes folders)
+    """The stage's group rows (the columns training reads, as plain Python values), in the same order on every
+    worker. source: a parquet file or folder (Ray Data writes folders), a list of rows, or a list of object
+    refs to lists of rows or to arrow tables (Ray Data's blocks)."""
+    import pyarrow as pa
+
+    if isinstance(source, (str, Path)):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(source)
-        rows = table.select([c for c in COLUMNS if c in table.column_names]).to_pylist()
+        parts = [pq.read_table(source)]
+    elif source and not isinstance(source[0], dict):
+        import ray
+
+        parts = ray.get(list(source))
     else:
-        rows = [{c: row[c] for c in COLUMNS if c in row} for row in source]
+        parts = [source]
+    rows = []
+    for part in parts:
+        if isinstance(part, pa.Table):
+            part = part.select([c for c in TRAIN_COLUMNS if c in part.column_names]).to_pylist()
+        rows += [{c: row[c] for c in TRAIN_COLUMNS if c in row} for row in part]
     return sorted(rows, key=lambda row: (row["id"], row.get("cot_ids", [])))
 
 
@@ -299,14 +438,15 @@ def reduce_metrics(parts: list[dict], device: torch.device) -> dict:
             for i, k in enumerate(keys)}
 
 
-def report(record: dict, engine, tokenizer, state: dict) -> None:
-    """A resumable checkpoint through `ray.train.report`: each worker reports the part it wrote."""
+def report(record: dict, engine, tokenizer, state: dict, tag: str) -> None:
+    """A resumable checkpoint (weights, optimizer, loop state) through `ray.train.report`, into Ray Train's
+    storage as `<stage>_<tag>`: each worker reports the part it wrote."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="aftray-ckpt-") as tmp:
         save_checkpoint(engine, tokenizer, Path(tmp), state)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"{state['stage']}_step_{record['step']:06d}")
+                         checkpoint_dir_name=f"{state['stage']}_{tag}")
 
 
 def save_final(engine, tokenizer, out: Path, state: dict) -> None:

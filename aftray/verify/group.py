@@ -5,12 +5,10 @@ import math
 from typing import Any, Optional
 
 from aftray.config import VerifyConfig
+from aftray.rows import QUESTION_COLUMNS, group_row
 from aftray.tasks.answers import extract_answer, is_correct
 from aftray.verify.process import SampleContinuations, arith_process_score, mc_step_values
 from aftray.verify.rank import rank_cots
-
-# Copied through from the rollout row unchanged.
-PASS_THROUGH = ("id", "prompt", "prompt_ids", "answer", "ref_cot", "ref_cot_ids")
 
 
 def normalize_ws(text: str) -> str:
@@ -28,12 +26,12 @@ def label(pred: str, gold: str, finish_reason: str, answer_kind: str) -> str:
 
 def verify_group(row: dict, completions: list, cfg: VerifyConfig, answer_kind: str,
                  continue_fn: Optional[SampleContinuations] = None) -> dict[str, Any]:
-    """Group row for one question.
+    """Group row for one question (`aftray.rows.group_row`).
 
-    `row` holds the PASS_THROUGH columns, `weights_version` (and `choices` for multiple choice);
-    `completions` are objects with `text`, `token_ids`, `logprobs` (per generated token, or None) and
-    `finish_reason` ("stop" | "length"). `continue_fn` (the rollout engine) is needed only for
-    `cfg.process == "mc"`.
+    `row` holds the question columns (`rows.QUESTION_COLUMNS`, copied through), `weights_version` (and
+    `choices` for multiple choice); `completions` are objects with `text`, `token_ids`, `logprobs` (per
+    generated token, or None) and `finish_reason` ("stop" | "length"). `continue_fn` (the rollout engine) is
+    needed only for `cfg.process == "mc"`.
     """
     if cfg.process == "mc" and continue_fn is None:
         raise ValueError("verify.process='mc' needs a continue_fn (the rollout engine) to sample "
@@ -63,19 +61,19 @@ def verify_group(row: dict, completions: list, cfg: VerifyConfig, answer_kind: s
     else:
         process = [math.nan] * len(cots)
     lengths = [len(c.token_ids) or len(c.text) for c in kept]  # tokens (characters if the engine gave no ids)
-    return {
-        **{k: row[k] for k in PASS_THROUGH},
-        "cots": cots,
-        "cot_ids": [[int(t) for t in c.token_ids] for c in kept],
-        "sample_logp": [float(sum(c.logprobs)) if c.logprobs is not None else math.nan for c in kept],
-        "sample_token_logp": [[float(x) for x in c.logprobs or []] for c in kept],
-        "finish_reasons": [c.finish_reason for c in kept],
-        "pred": preds,
-        "labels": labels,
-        "correct": correct,
-        "process": process,
-        "rank": rank_cots(correct, process, lengths),
-        "counts": counts,
-        "num_sampled": len(completions),
-        "weights_version": row["weights_version"],
-    }
+    return group_row(
+        **{k: row[k] for k in QUESTION_COLUMNS},
+        cots=cots,
+        cot_ids=[c.token_ids for c in kept],
+        sample_logp=[float(sum(c.logprobs)) if c.logprobs is not None else math.nan for c in kept],
+        sample_token_logp=[c.logprobs or [] for c in kept],
+        finish_reasons=[c.finish_reason for c in kept],
+        pred=preds,
+        labels=labels,
+        correct=correct,
+        process=process,
+        rank=rank_cots(correct, process, lengths),
+        counts=counts,
+        num_sampled=len(completions),
+        weights_version=row["weights_version"],
+    )
