@@ -183,6 +183,13 @@ def is_mixed(row: dict) -> bool:
     return any(correct) and not all(correct)
 
 
+def mixed_or_reference(rows: Iterable[dict]) -> list[dict]:
+    """Dynamic sampling's training rows under a pairwise loss: a mixed group whole, any other group with its
+    reference COT alone (for the VFT term); its samples would give the alignment term no pair, yet cost k
+    forward and backward passes."""
+    return [row if is_mixed(row) else reference_only(row) for row in rows]
+
+
 def _fits(found: pa.DataType, want: pa.DataType) -> bool:
     if pa.types.is_list(want):
         # pyarrow infers `null` items for lists that are empty in every row (a VFT-only table's COT columns,

@@ -42,6 +42,9 @@ def test_yaml_file_then_overrides(tmp_path):
     ("loop.eval_k=4", "loop.eval_k was removed"),
     ("rollout.cpu_cores=0-", "rollout.cpu_cores: expected 'auto', null or a core list"),
     ("rollout.block_size=24", "rollout.block_size: expected null or a multiple of 16"),
+    ("rollout.weight_sync=nccl", "rollout.weight_sync: expected auto, object_store or folder: nccl needs"),
+    ("rollout.weight_sync=disk", "rollout.weight_sync: expected one of 'auto', 'object_store', 'nccl', 'folder'"),
+    ("loop.checkpoint_every=0", "loop.checkpoint_every: expected an integer >= 1"),
 ])
 def test_bad_values_name_the_key(override, message):
     start = time.monotonic()
@@ -90,3 +93,16 @@ def test_pinned_samplers_are_refused_beside_overlapping_trainers():
         load_config(None, vllm_cpu)
     assert load_config(None, vllm_cpu + ["rollout.cpu_cores=null"]).rollout.cpu_cores is None
     assert load_config(None, vllm_cpu + ["rollout.gpus_per_actor=1"]).rollout.cpu_cores == "auto"  # GPU samplers
+
+
+def test_weight_sync_auto_picks_what_the_placement_allows():
+    """auto: NCCL where vLLM samplers and trainers both hold GPUs, else the object store; folder reads every
+    round's checkpoint, so it needs one each round."""
+    assert load_config(None, []).rollout.weight_sync == "object_store"
+    gpus = ["rollout.engine=vllm", "rollout.gpus_per_actor=1", "train.gpus_per_worker=1"]
+    if importlib.util.find_spec("vllm") is not None:
+        assert load_config(None, gpus).rollout.weight_sync == "nccl"
+        assert load_config(None, gpus + ["rollout.weight_sync=object_store"]).rollout.weight_sync == "object_store"
+    with pytest.raises(ConfigError, match="rollout.weight_sync: expected object_store or auto when "
+                                          "loop.checkpoint_every > 1"):
+        load_config(None, ["rollout.weight_sync=folder", "loop.checkpoint_every=2"])

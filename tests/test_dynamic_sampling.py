@@ -7,7 +7,7 @@ import pytest
 
 from aftray.config import load_config
 from aftray.loop.rounds import round_questions
-from aftray.rows import TRAIN_COLUMNS, group_row, is_mixed, reference_only
+from aftray.rows import TRAIN_COLUMNS, group_row, mixed_or_reference
 from aftray.train.worker import load_groups
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "arith_cpu.yaml"
@@ -42,7 +42,7 @@ def test_training_rows_keep_mixed_groups_whole_and_references_of_the_rest():
                          process=[1.0] * k, rank=[1] * k, counts=[1] * k, num_sampled=k, weights_version=1)
 
     groups = [group(0, [True, False]), group(1, [True, True]), group(2, [False, False, False])]
-    rows = [g if is_mixed(g) else reference_only(g) for g in load_groups(groups)]  # as the stage does
+    rows = mixed_or_reference(load_groups(groups))  # as the stage does
     assert rows[0] == {c: groups[0][c] for c in TRAIN_COLUMNS}
     for row, g in zip(rows[1:], groups[1:]):
         assert row["ref_cot_ids"] == g["ref_cot_ids"] and row["cot_ids"] == row["correct"] == row["rank"] == []

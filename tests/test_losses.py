@@ -446,7 +446,7 @@ def test_vft_stage_batch_without_samples():
 
 @pytest.mark.parametrize("name", sorted(L.OBJECTIVES))
 def test_needs_pairs_means_unpaired_samples_change_nothing(name):
-    """What dynamic sampling relies on (rounds.mixed_or_reference): under a pairwise loss the samples of an
+    """What dynamic sampling relies on (rows.mixed_or_reference): under a pairwise loss the samples of an
     all-right or all-wrong group can be left out and the loss stays the same; under the others they count."""
     batch = _scored(torch.Generator().manual_seed(8))
     batch.positive[2] = False  # group 0 mixed, group 1 all right, group 2 all wrong, group 3 drawn at random

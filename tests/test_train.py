@@ -73,6 +73,43 @@ def test_steps_take_every_group_once_per_pass_in_a_seeded_order():
     assert step_groups(groups, 0, 4, seed=1) != stream[:4]
 
 
+def test_planned_steps_span_the_run():
+    """The align stages' one learning-rate schedule: steps_per_stage each, else one pass over a round's questions
+    (in steps of questions_per_step rounded up to a multiple of the workers)."""
+    from aftray.train.stage import planned_steps
+
+    assert planned_steps(TrainConfig(steps_per_stage=8), 16, 3) == 24
+    assert planned_steps(TrainConfig(questions_per_step=4), 16, 2) == 8
+    assert planned_steps(TrainConfig(questions_per_step=3, num_workers=2), 16, 2) == 8  # 4 a step
+
+
+def test_stage_job_refuses_a_continue_without_its_predecessor(tmp_path):
+    from aftray.train.stage import StageJob
+
+    with pytest.raises(ValueError, match="'continue' names the stage it continues"):
+        StageJob.create("align", "b", [], "m", tmp_path, TrainConfig(), LossConfig(), init="continue")
+    with pytest.raises(ValueError, match="expected one of"):
+        StageJob.create("align", "b", [], "m", tmp_path, TrainConfig(), LossConfig(), init="warm")
+
+
+def test_inbox_drops_what_it_has_finished(ray_local):
+    """A service trains a comparison's dozens of runs: its inbox holds only pending jobs and unread results."""
+    import ray
+
+    from aftray.train.service import StageInbox
+
+    inbox = StageInbox.remote()
+    first, second = ray.get([inbox.post.remote("job0"), inbox.post.remote("job1")])
+    assert ray.get(inbox.first_unfinished.remote()) == first
+    ray.get(inbox.finish.remote(first, {"history": []}))
+    assert ray.get(inbox.first_unfinished.remote()) == second and ray.get(inbox.pending.remote()) == 2
+    assert ray.get(inbox.result.remote(first)) == {"history": []}
+    assert ray.get(inbox.pending.remote()) == 1  # job1 alone
+    ray.get(inbox.finish.remote(second, {}))
+    ray.get(inbox.result.remote(second))
+    assert ray.get(inbox.pending.remote()) == 0 and ray.get(inbox.first_unfinished.remote()) == 2
+
+
 def test_vft_stage_takes_the_vft_keys():
     from aftray.train.stage import stage_configs
 
@@ -110,6 +147,10 @@ def test_groups_from_a_parquet_folder_in_id_order(tmp_path, tiny_model_path):
     loaded = load_groups(tmp_path / "samples.parquet")
     assert [r["id"] for r in loaded] == ["q0", "q1", "q2", "q3"]
     assert "cots" not in loaded[0] and loaded[0]["cot_ids"] == rows[0]["cot_ids"]
+    (tmp_path / "bad.parquet").mkdir()  # a table without `rank` is refused, naming the column and the file
+    pq.write_table(pa.Table.from_pylist(rows).drop_columns(["rank"]), tmp_path / "bad.parquet" / "a.parquet")
+    with pytest.raises(ValueError, match=r"bad.parquet: group rows: missing column 'rank'"):
+        load_groups(tmp_path / "bad.parquet")
 
 
 def test_local_stage_without_ray(tmp_path, tiny_model_path):

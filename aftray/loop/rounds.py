@@ -35,7 +35,7 @@ from aftray.loop.pipeline import sample_round
 from aftray.models import load_tokenizer, resolve_model_path
 from aftray.rollout import RolloutPool, question_rows
 from aftray.run.console import generated, phase, phase_line, progress, result_line
-from aftray.rows import question_group_row
+from aftray.rows import check_group_table, question_group_row
 from aftray.run.metrics import sample_metrics
 from aftray.run.plots import plot_run
 from aftray.run.rundir import RunDir, write_summary
@@ -69,8 +69,27 @@ def summarize_round(groups, k: int, per_label: int) -> tuple[dict, str]:
     import pyarrow.parquet as pq
 
     tables = ray.get(groups) if isinstance(groups, list) else [pq.read_table(groups)]
+    for table in tables:
+        check_group_table(table, groups if isinstance(groups, str) else "the round's group rows")
     rows = sorted((row for t in tables for row in t.to_pylist()), key=lambda row: row["id"])
     return sample_metrics(rows, k), sample_text(rows, per_label)
+
+
+def resume_point(run_dir: RunDir) -> list[int]:
+    """The finished rounds a re-run keeps: up to the last one whose weights are on disk (round 0 always
+    counts: its weights are the VFT stage's checkpoint or the base model). Later rounds are redone: their
+    folders go, except the next round's samples (drawn by the kept weights) and a stage that finished with its
+    weights saved (read back: its end state is the trainer's latest checkpoint)."""
+    finished = run_dir.finished_rounds()
+    last = max((r for r in finished if r == 0 or run_dir.has_checkpoint(r)), default=-1)
+    for r in range(last + 1, max(finished, default=-1) + 2):
+        folder = run_dir.round_dir(r)
+        if run_dir.has_checkpoint(r) or not folder.exists():
+            continue
+        for path in folder.iterdir():
+            if not (r == last + 1 and path == run_dir.samples_path(r)):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return [r for r in finished if r <= last]
 
 
 class Run:
@@ -90,7 +109,7 @@ class Run:
                  len(self.eval_rows), self.base_model)
         start_ray(cfg)
         check_cluster_fits(cfg)
-        self.finished = self.resume_point()
+        self.finished = resume_point(self.dir)
         # weights are labelled with the round that produced them; the base model, before any round, is -1
         self.version = max(self.finished, default=-1)
         self.weights: str | Path | ray.ObjectRef = self.checkpoint_of(self.version)
@@ -103,29 +122,10 @@ class Run:
         # align steps taken so far: where the next stage starts on the run's learning-rate schedule
         self.align_steps = sum(self.dir.read_round_metrics(r).get("train_steps", 0) for r in self.finished if r)
 
-    def resume_point(self) -> list[int]:
-        """The finished rounds a re-run keeps: up to the last one whose weights are on disk (round 0 always
-        counts: its weights are the VFT stage's checkpoint or the base model). Later rounds are redone: their
-        folders go, except the next round's samples (drawn by the kept weights) and a stage that finished with
-        its weights saved (read back: its end state is the trainer's latest checkpoint)."""
-        finished = self.dir.finished_rounds()
-        last = max((r for r in finished if r == 0 or self.saved(r)), default=-1)
-        for r in range(last + 1, max(finished, default=-1) + 2):
-            folder = self.dir.round_dir(r)
-            if self.saved(r) or not folder.exists():
-                continue
-            for path in folder.iterdir():
-                if not (r == last + 1 and path == self.dir.samples_path(r)):
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return [r for r in finished if r <= last]
-
-    def saved(self, r: int) -> bool:
-        return (self.dir.checkpoint_dir(r) / "config.json").is_file()
-
     def checkpoint_of(self, r: int) -> Path:
         """Weights after round r (round 0: after the VFT stage, if there was one); the base model before any."""
         for k in range(r, -1, -1):
-            if self.saved(k):
+            if self.dir.has_checkpoint(k):
                 return self.dir.checkpoint_dir(k)
         return self.base_model
 

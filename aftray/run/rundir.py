@@ -4,11 +4,14 @@
   config.yaml                 resolved config
   rounds/<r>/samples.parquet  the round's verified groups (one row per question)
   rounds/<r>/metrics.json     the round's metrics; written last, so its presence marks the round finished
-  rounds/<r>/checkpoint/      HF-loadable weights after the round's training
+  rounds/<r>/checkpoint/      HF-loadable weights after the round's training (every loop.checkpoint_every rounds)
+  rounds/<r>/train_result.json  the round's training stage: metrics and per-step history
   summary.json                {"run_name", "mode", "loss", "model", "task", "rounds": [...], "final": {...}}
   plots/*.png
-  train_state/                Ray Train's run while the run goes (mid-stage checkpoints); removed at the end
-A round is the unit of resume: `finished_rounds()` lists rounds whose metrics.json exists.
+  train_state/                Ray Train's run while the run goes (mid-stage checkpoints, the trainer's end state
+                              at checkpointed rounds); removed at the end
+A checkpointed round is the unit of resume: `finished_rounds()` lists rounds whose metrics.json exists, and a
+re-run keeps those up to the last with a checkpoint (`aftray.loop.rounds.resume_point`).
 """
 from __future__ import annotations
 
@@ -54,6 +57,9 @@ class RunDir:
 
     def checkpoint_dir(self, r: int) -> Path:
         return self.round_dir(r) / "checkpoint"
+
+    def has_checkpoint(self, r: int) -> bool:
+        return (self.checkpoint_dir(r) / "config.json").is_file()
 
     def finished_rounds(self) -> list[int]:
         rounds = self.root / "rounds"

@@ -410,7 +410,7 @@ PAIRWISE = ("aft_dc", "aft_bc", "align_none", "dpo", "dpo_bc", "orpo", "orpo_bc"
 
 def needs_pairs(cfg: LossConfig) -> bool:
     """Whether a group whose COTs are all right or all wrong adds only its reference COT (L_VFT) to the loss:
-    its samples can then be left out of training without changing the loss (rounds.mixed_or_reference)."""
+    its samples can then be left out of training without changing the loss (rows.mixed_or_reference)."""
     return cfg.name in PAIRWISE and not cfg.vft_on_positives
 
 

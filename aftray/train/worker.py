@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from aftray.config import LossConfig, TrainConfig
 from aftray.models import load_model, load_tokenizer
-from aftray.rows import TRAIN_COLUMNS, is_mixed, reference_only
+from aftray.rows import TRAIN_COLUMNS, check_group_table, mixed_or_reference
 from aftray.train.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from aftray.train.stage import StageJob, StageResult
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config
@@ -196,7 +196,7 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = load_groups(job.groups)
     if job.mixed_or_reference:
-        groups = [g if is_mixed(g) else reference_only(g) for g in groups]
+        groups = mixed_or_reference(groups)
     lap("load_groups_s")
     if not groups:
         raise ValueError(f"stage {job.stage}: no group rows to train on")
@@ -386,8 +386,9 @@ def load_groups(source) -> list[dict]:
         parts = [source]
     rows = []
     for part in parts:
-        if isinstance(part, pa.Table):
-            part = part.select([c for c in TRAIN_COLUMNS if c in part.column_names]).to_pylist()
+        if isinstance(part, pa.Table):  # refused here, naming the column, rather than deep in a loss
+            check_group_table(part, str(source) if isinstance(source, (str, Path)) else "the stage's group rows")
+            part = part.select(list(TRAIN_COLUMNS)).to_pylist()
         rows += [{c: row[c] for c in TRAIN_COLUMNS if c in row} for row in part]
     return sorted(rows, key=lambda row: (row["id"], row.get("cot_ids", [])))
 
