@@ -279,25 +279,47 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
 
 
 def send_over_nccl(engine, job: StageJob, links: dict) -> bool:
-    """Broadcast the weights from rank 0 to the rollout engines over NCCL (vLLM's weight transfer); the group
-    is set up on the first call and kept in `links`. False if it cannot be set up (it is not tried again):
-    the caller falls back to the object store. Collective. Not yet run on a GPU (docs/cluster.md)."""
+    """Broadcast the weights from rank 0 to the rollout engines over NCCL (vLLM's weight transfer). The group
+    is set up on the first call for these engines and kept in `links` (a comparison's next run brings new
+    engines: a new group). False when it cannot be set up or a push fails (an engine that Ray restarted is not
+    in the group): the caller falls back to the object store, and later stages do too. Collective. Not yet run
+    on a GPU (docs/cluster.md)."""
     from aftray.train import nccl_push
 
     engines, tp, dtype, version = job.nccl_engines
-    dtype = getattr(torch, dtype)
-    if "nccl" not in links:
+    dtype, key = getattr(torch, dtype), tuple(e._actor_id.hex() for e in engines)
+    if links.get("nccl_engines") != key:
+        if links.get("nccl"):
+            nccl_push.close(links["nccl"])
+        links["nccl_engines"], links["nccl"] = key, None
         try:
             links["nccl"] = nccl_push.connect(engines, engine.module, rank=dist.get_rank(),
                                               tensor_parallel_size=tp, dtype=dtype)
         except Exception as e:  # noqa: BLE001  the run goes on through the object store
             log.warning("rollout.weight_sync=nccl: the NCCL group could not be set up (%s: %s); weights go "
                         "through the object store", type(e).__name__, e)
+        if not everywhere(links["nccl"] is not None, engine.device):
             links["nccl"] = None
     if links["nccl"] is None:
         return False
-    nccl_push.push(links["nccl"], version, engine.module, dtype)
-    return True
+    try:
+        nccl_push.push(links["nccl"], version, engine.module, dtype)
+        pushed = True
+    except Exception as e:  # noqa: BLE001
+        log.warning("rollout.weight_sync=nccl: the push failed (%s: %s); weights go through the object store "
+                    "from now on", type(e).__name__, e)
+        pushed = False
+    if not everywhere(pushed, engine.device):
+        links["nccl"] = None
+    return links["nccl"] is not None
+
+
+def everywhere(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on every rank: ranks take the same branch after a step that can fail
+    on one of them. Collective."""
+    ok = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def push_weights(engine) -> list | None:
