@@ -99,7 +99,8 @@ def test_inbox_drops_what_it_has_finished(ray_local):
     from aftray.train.service import StageInbox
 
     inbox = StageInbox.remote()
-    first, second = ray.get([inbox.post.remote("job0"), inbox.post.remote("job1")])
+    first = ray.get(inbox.post.remote("job0"))  # one at a time, as the driver posts (an async actor may reorder)
+    second = ray.get(inbox.post.remote("job1"))
     assert ray.get(inbox.first_unfinished.remote()) == first
     ray.get(inbox.finish.remote(first, {"history": []}))
     assert ray.get(inbox.first_unfinished.remote()) == second and ray.get(inbox.pending.remote()) == 2
