@@ -278,6 +278,9 @@ class VLLMEngine(Engine):
         if self.tied_embed:  # the served copy is untied: its head is refreshed from the embedding
             state_dict = {**state_dict, "lm_head.weight": state_dict[self.tied_embed]}
         if self in _in_process:
+            # vLLM then logs "RotaryEmbedding: Failed to load weights" at each reload: its cos/sin cache counts as a
+            # loadable tensor no checkpoint holds, so the layerwise reload puts the old one back (it depends on
+            # the config alone). Harmless: the drift check reads <= 6e-6 nats per token after every refresh
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})
             self.llm.reset_prefix_cache()
             self.version = version
