@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,6 +68,13 @@ def _job_env_vars() -> dict[str, str]:
         return dict(((json.loads(raw) or {}).get("runtime_env") or {}).get("env_vars") or {}) if raw else {}
     except (ValueError, AttributeError):
         return {}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now ("": every interface, for a rendezvous other nodes reach)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def start_ray(cfg: Config):
@@ -358,6 +366,7 @@ __all__ = [
     "cluster_nodes",
     "coordinator_resources",
     "find_misfit",
+    "free_port",
     "nccl_env",
     "required_resources",
     "scaling_config_kwargs",

@@ -67,9 +67,6 @@ class RunDir:
             return []
         return sorted(int(p.name) for p in rounds.iterdir() if p.name.isdigit() and (p / "metrics.json").is_file())
 
-    def read_samples(self, r: int) -> list[dict]:
-        return read_parquet_rows(self.samples_path(r))
-
     def write_round_metrics(self, r: int, metrics: dict[str, Any]) -> None:
         write_json(self.metrics_path(r), metrics)
 

@@ -24,14 +24,18 @@ def save_checkpoint(engine, tokenizer, out: Path, state: dict, with_optimizer: b
     if with_optimizer:
         (out / DS_DIR / DS_TAG).mkdir(parents=True, exist_ok=True)  # each rank writes its own shard here
         engine.save_checkpoint(str(out / DS_DIR), tag=DS_TAG)
-    if engine.zero_optimization_partition_weights():  # ZeRO-3: gather the 16-bit weights onto rank 0
-        weights = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        weights = engine.module.state_dict()
+    weights = full_state_dict(engine)
     if dist.get_rank() == 0:
         engine.module.save_pretrained(out, state_dict=weights)
         tokenizer.save_pretrained(out)
         (out / STATE_FILE).write_text(json.dumps(state))
+
+
+def full_state_dict(engine) -> dict:
+    """The module's whole state dict on rank 0 (ZeRO-3 gathers its 16-bit partitions there). Collective."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
 
 
 def load_checkpoint(engine, path: Path) -> dict:

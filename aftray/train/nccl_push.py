@@ -23,18 +23,11 @@ A ZeRO-3 model is gathered one parameter at a time on every rank (a collective: 
 """
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 
 import torch
 
 BUFFER_BYTES = 256 << 20  # packed chunk size (vLLM's default, 1 GiB, would sit beside a full KV cache twice)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def rank_offsets(num_engines: int, tensor_parallel_size: int = 1) -> list[int]:
@@ -107,11 +100,13 @@ def connect(engines: Sequence, model: torch.nn.Module, *, rank: int, tensor_para
     rank (0 sends). master_address/port: where rank 0 listens, default this node's IP and a free port."""
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
 
+    from aftray.cluster import free_port
+
     if master_address is None:
         import ray
 
         master_address = ray.util.get_node_ip_address()
-    info = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port or free_port(),
+    info = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port or free_port(""),
                                world_size=1 + len(engines) * tensor_parallel_size, packed=True,
                                packed_buffer_size_bytes=buffer_bytes, packed_num_buffers=num_buffers, rank=rank)
     return NCCLTrainerWeightTransferEngine.trainer_init(info, client=EngineGroup(engines, tensor_parallel_size),

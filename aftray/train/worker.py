@@ -35,7 +35,6 @@ import random
 import resource
 import runpy
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -43,10 +42,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from aftray.cluster import free_port
 from aftray.config import LossConfig, TrainConfig
 from aftray.models import load_model, load_tokenizer
 from aftray.rows import TRAIN_COLUMNS, check_group_table, mixed_or_reference
-from aftray.train.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
+from aftray.train.checkpoint import checkpoint_state, full_state_dict, load_checkpoint, save_checkpoint
 from aftray.train.stage import StageJob, StageResult
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config
 from aftray.train.losses import OBJECTIVES, sequences_needed
@@ -333,13 +333,6 @@ def push_weights(engine) -> list | None:
     return [put_weights(weights)]  # in a list: Ray hands the ref on as it is, unresolved
 
 
-def full_state_dict(engine) -> dict:
-    """The module's whole state dict on rank 0 (ZeRO-3 gathers its partitions there). Collective."""
-    if engine.zero_optimization_partition_weights():
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict()
-
-
 def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job: StageJob, pad_id: int,
                      device: torch.device) -> dict:
     """Sampler↔trainer log-prob drift before any update, on the first step's worth of the stage's rows that carry
@@ -382,12 +375,6 @@ def init_distributed(cpus: float, on_ray: bool = False) -> torch.device:
                               MASTER_PORT=str(free_port()))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_groups(source) -> list[dict]:
