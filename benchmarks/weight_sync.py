@@ -3,8 +3,8 @@
 (rank 0 writes the HF checkpoint folder, each engine reads it). Prints and writes
 benchmarks/results/weight_sync.json.
 
-The trainer side runs here as train rank 0 runs it (`aftray.train.worker.push_weights`: `checkpoint.full_state_dict` + `put_weights`,
-or `save_pretrained` as `save_final` writes it); the engine side is `RolloutPool.refresh`. Each version scales
+The trainer side runs here as train rank 0 runs it (`worker.push_weights`: `full_state_dict` + `put_weights`, or
+`save_pretrained` as `save_final` writes it); the engine side is `RolloutPool.refresh`. Each version scales
 one weight, so every refresh loads new weights, and the two paths then score a COT to the same bits: a check
 that both delivered the same weights. Modes alternate; medians over `--repeats`.
 
