@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from aftray.config import ConfigError, load_config
-from aftray.run.console import quiet_ray_data, setup_logging
+from aftray.run.console import log_to_file, quiet_ray_data, setup_logging
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from aftray.loop.rounds import run_loop
 
     quiet_ray_data()
+    log_to_file(cfg.run_dir / "run.log" if args.command == "run"
+                else Path(cfg.output_dir).absolute() / f"{args.command}.log")
     if args.command == "run":
         run_loop(cfg)
     elif args.command == "eval":

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aftray.config import Config, ConfigError, RolloutConfig, TrainConfig
+from aftray.logs import ray_runtime_env
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +80,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def start_ray(cfg: Config):
     """Join the cluster named by cluster.address / RAY_ADDRESS (set by `ray job submit`), else start a local one.
-    The driver's NCCL variables travel to every worker in the job's runtime env (`nccl_env`)."""
+    The driver's NCCL variables travel to every worker in the job's runtime env (`nccl_env`), and so does its log
+    file, with the hook that routes each worker's lines (`aftray.logs.ray_runtime_env`)."""
     import ray
 
     if ray.is_initialized():
         return ray
     env = nccl_env(os.environ, _job_env_vars())
-    runtime_env = {"env_vars": env} if env else None
+    runtime_env = ray_runtime_env()
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+    runtime_env = runtime_env if runtime_env["env_vars"] else None
     if env:
         logger.info("passing %s to the workers", ", ".join(sorted(env)))
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")

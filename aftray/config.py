@@ -158,12 +158,17 @@ class TrainConfig:
     micro_batch_questions: int = 2  # groups per micro-batch per worker (gradient accumulation makes up the rest)
     max_seq_len: int = 512
     packing: bool = False  # padding-free packed micro-batches
+    # a group's prompt forwarded once for all its COTs (aftray/train/scores.py), where the model's attention
+    # takes a 4D mask (sdpa, eager); with flash-attention or flex the unshared layout above is used
+    shared_prefix: bool = True
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker (placement)
     zero_stage: int = 0
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    # fp32; bf16: bf16 weights with DeepSpeed's fp32 master copy (the GPU presets); amp_bf16: fp32 weights,
+    # gradients and optimizer, matmuls in bf16 under autocast (CPUs with AVX512-BF16 or AMX)
+    dtype: Literal["fp32", "bf16", "amp_bf16"] = "fp32"
     offload_optimizer: bool = False
     max_failures: int = 1
     # activation (gradient) checkpointing: recompute each layer's activations in the backward pass, trading

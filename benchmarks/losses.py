@@ -88,7 +88,8 @@ def main() -> None:
     rows = make_rows(args.groups, args.k, torch.Generator().manual_seed(0))
     padded = collate_groups(rows, MAX_SEQ_LEN)
     packed = collate_groups(rows, MAX_SEQ_LEN, packed=True)
-    labels = padded.inputs["input_ids"].masked_fill(~padded.targets, -100)
+    labels = torch.full_like(padded.inputs["input_ids"], -100)  # HF's loss reads label t at logits t - 1
+    labels.view(-1)[padded.logit_index + 1] = padded.labels
     real_tokens = int(padded.inputs["attention_mask"].sum())
     cfg = LossConfig(name="aft_bc")
 
@@ -118,7 +119,7 @@ def main() -> None:
 
     report = {
         "setup": {"groups": args.groups, "cots_per_group": args.k, "sequences": len(padded.seq_group),
-                  "real_tokens": real_tokens, "scored_tokens": int(padded.targets.sum()),
+                  "real_tokens": real_tokens, "scored_tokens": len(padded.labels),
                   "padded_slots": padded.inputs["input_ids"].numel(),
                   "packed_slots": packed.inputs["input_ids"].numel(), "max_seq_len": MAX_SEQ_LEN,
                   "reps": args.reps, "threads": 1, "torch": torch.__version__,

@@ -17,7 +17,18 @@ with ray_1 / plain (target >= 0.85), ray_2 / ray_1 and ds_local / plain.
 `torchrun --nproc_per_node N benchmarks/train.py --gpu`. Reports tokens/s and MFU = model FLOPs (6 x params
 + attention, per token) x tokens/s / (--peak-tflops x GPUs); writes benchmarks/results/train_gpu.json.
 
+--shared-prefix-compare: the default preset's training (SmolLM2, round-1 groups of its 1-shot arith prompts,
+k = 4, 4 questions a step in micro-batches of 2, 2 threads) under `train_stage_local` (DeepSpeed, no Ray), one
+fresh process per arm, arms interleaved for --repeats rounds: unshared fp32, shared-prefix fp32, shared-prefix
+amp_bf16. Throughput counts each arm's tokens as the unshared layout does (prompt once per sequence), so
+`shared_over_unshared` is how much sooner the same groups are trained. `max_abs_score_diff`: the largest
+|S_shared - S_unshared| over every sequence of the first 8 groups (fp32, summed log-probs). Groups: a `make run`
+round-1 samples.parquet (--groups, default runs/gsm8k_cpu/rounds/1/), else made from the preset's task (its
+prompts; COTs: the question's reference (right) and other questions' references (wrong), sampled-COT length).
+Writes benchmarks/results/train_shared_prefix.json; prints one JSON line last.
+
 Usage: python benchmarks/train.py [--model tiny|PATH|HUB_ID] [--steps 5] [--threads 1] [--gpu]
+       python benchmarks/train.py --shared-prefix-compare
 """
 from __future__ import annotations
 
@@ -35,6 +46,22 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+PRESET = REPO / "configs" / "gsm8k_cpu.yaml"
+
+
+def bench_group(gid: str, prompt_ids: list[int], ref_cot_ids: list[int], cot_ids: list[list[int]],
+                correct: list[bool]) -> dict:
+    """A group row (aftray/rows.py) of given tokens; the fields training does not read are placeholders."""
+    from aftray.rows import group_row
+
+    k = len(cot_ids)
+    return group_row(id=gid, prompt="", prompt_ids=prompt_ids, answer="", ref_cot="", ref_cot_ids=ref_cot_ids,
+                     cots=[""] * k, cot_ids=cot_ids, sample_logp=[-1.5 * len(c) for c in cot_ids],
+                     sample_token_logp=[[]] * k, finish_reasons=["stop"] * k, pred=[""] * k,
+                     labels=["correct" if c else "wrong_answer" for c in correct], correct=correct,
+                     process=[1.0] * k, rank=[1 if c else 2 for c in correct], counts=[1] * k, num_sampled=k,
+                     weights_version=0)
 
 
 def make_groups(n: int, k: int, prompt_len: int, cot_len: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -44,17 +71,8 @@ def make_groups(n: int, k: int, prompt_len: int, cot_len: int, vocab: int, seed:
     def tokens(length):
         return [rng.randrange(4, vocab) for _ in range(rng.randint(length * 3 // 4, length * 5 // 4))]
 
-    from aftray.rows import group_row
-
-    correct = [j % 2 == 0 for j in range(k)]
-    return [group_row(id=f"q{i:05d}", prompt="", prompt_ids=tokens(prompt_len), answer="", ref_cot="",
-                      ref_cot_ids=tokens(cot_len), cots=[""] * k, cot_ids=[tokens(cot_len) for _ in range(k)],
-                      sample_logp=[-1.5 * cot_len] * k, sample_token_logp=[[]] * k,
-                      finish_reasons=["stop"] * k, pred=[""] * k,
-                      labels=["correct" if c else "wrong_answer" for c in correct], correct=correct,
-                      process=[1.0] * k, rank=[1 + j % 2 for j in range(k)], counts=[1] * k, num_sampled=k,
-                      weights_version=0)
-            for i in range(n)]
+    return [bench_group(f"q{i:05d}", tokens(prompt_len), tokens(cot_len), [tokens(cot_len) for _ in range(k)],
+                        [j % 2 == 0 for j in range(k)]) for i in range(n)]
 
 
 def throughput(history: list[dict]) -> tuple[float, float]:
@@ -72,8 +90,8 @@ def plain_loop(groups, model_path, train, loss_cfg) -> dict:
     from aftray.models import load_model, load_tokenizer
     from aftray.train.deepspeed_config import ADAM_BETAS
     from aftray.train.losses import OBJECTIVES, sequences_needed
-    from aftray.train.scores import collate_groups, score_groups
-    from aftray.train.worker import lr_at, num_tokens, step_groups
+    from aftray.train.scores import collate_groups, score_groups, takes_custom_masks
+    from aftray.train.worker import lr_at, step_groups
 
     torch.set_num_threads(int(train.cpus_per_worker))
     pad_id = load_tokenizer(model_path).pad_token_id
@@ -89,10 +107,11 @@ def plain_loop(groups, model_path, train, loss_cfg) -> dict:
         mine, tokens, cpu0 = step_groups(groups, step, train.questions_per_step, train.seed), 0, time.process_time()
         for i in range(accum):
             rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
-            batch = collate_groups(rows, train.max_seq_len, train.packing, with_ref, with_samples, pad_id)
+            batch = collate_groups(rows, train.max_seq_len, train.packing, with_ref, with_samples, pad_id,
+                                   train.shared_prefix and takes_custom_masks(model))
             loss, _ = objective(loss_cfg, score_groups(model, batch))
             (loss * len(rows) / len(mine)).backward()
-            tokens += num_tokens(batch)
+            tokens += batch.sequence_tokens
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -145,11 +164,7 @@ def cpu_benchmark(args) -> dict:
     runs = {arm: [] for arm in args.arms}
     for rep in range(args.repeats):
         for arm in args.arms:
-            with tempfile.TemporaryDirectory() as tmp:
-                spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-                spec_path.write_text(json.dumps(spec))
-                subprocess.run([sys.executable, __file__, "--arm", arm, str(spec_path), str(out_path)], check=True)
-                res = json.loads(out_path.read_text())
+            res = run_in_child(arm, spec)
             tokens_per_s, tokens_per_cpu_s = throughput(res["history"])
             runs[arm].append({"tokens_per_s": tokens_per_s, "tokens_per_cpu_s": tokens_per_cpu_s,
                               "peak_rss_mb_per_worker": res["peak_rss_mb"], "load_avg_1m": os.getloadavg()[0]})
@@ -169,6 +184,103 @@ def cpu_benchmark(args) -> dict:
             "settings": {k: v for k, v in spec.items() if k != "groups"} | {
                 "questions": args.questions, "k": args.k, "prompt_len": args.prompt_len, "cot_len": args.cot_len},
             "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "platform": platform.platform()}}
+
+
+def preset_groups(path: Path, n: int = 32) -> list[dict]:
+    """The default preset's round-1 groups: `make run`'s round-1 samples when they exist, else made from its task
+    (see the module docstring)."""
+    from aftray.train.worker import load_groups
+
+    if path.exists():
+        return load_groups(path)[:n]
+    from aftray.config import load_config
+    from aftray.models import load_tokenizer, resolve_model_path
+    from aftray.rollout import question_rows
+    from aftray.tasks import load_task
+
+    cfg = load_config(PRESET)
+    task = load_task(cfg.task)
+    rows = question_rows(task.train[:n + cfg.rollout.k], task, load_tokenizer(resolve_model_path(cfg.model)))
+    k = cfg.rollout.k
+    return [bench_group(r["id"], r["prompt_ids"], r["ref_cot_ids"],
+                        [rows[i + j]["ref_cot_ids"] for j in range(k)], [j == 0 for j in range(k)])
+            for i, r in enumerate(rows[:n])]
+
+
+def max_score_diff(groups: list[dict], model_path: str, max_seq_len: int) -> float:
+    """max |S_shared - S_unshared| over every sequence of the groups (fp32, no gradient)."""
+    import torch
+
+    from aftray.models import load_model
+    from aftray.train.scores import collate_groups, sequence_logps
+
+    model = load_model(model_path, "fp32").eval()
+    with torch.no_grad():
+        plain, shared = (sequence_logps(model, collate_groups(groups, max_seq_len, shared_prefix=flag))
+                         for flag in (False, True))
+    return float((plain - shared).abs().max())
+
+
+def shared_prefix_compare(args) -> dict:
+    from aftray.config import load_config
+    from aftray.models import resolve_model_path
+
+    cfg = load_config(PRESET)
+    model_path = str(resolve_model_path(cfg.model))
+    groups = preset_groups(Path(args.groups))
+    t = cfg.train
+    train = {"lr": t.lr, "warmup_steps": 1, "steps_per_stage": args.steps, "max_seq_len": t.max_seq_len,
+             "questions_per_step": t.questions_per_step, "micro_batch_questions": t.micro_batch_questions}
+    arms = {"unshared_fp32": {"shared_prefix": False, "dtype": "fp32"},
+            "shared_fp32": {"shared_prefix": True, "dtype": "fp32"},
+            "shared_amp_bf16": {"shared_prefix": True, "dtype": "amp_bf16"}}
+    runs = {arm: [] for arm in arms}
+    for _ in range(args.repeats):
+        for arm, flags in arms.items():
+            spec = {"model_path": model_path, "loss": cfg.loss.name, "threads": args.threads, "groups": groups,
+                    "train": {**train, **flags}}
+            res = run_in_child("ds_local", spec)
+            tokens_per_s, tokens_per_cpu_s = throughput(res["history"])
+            runs[arm].append({"tokens_per_s": tokens_per_s, "tokens_per_cpu_s": tokens_per_cpu_s,
+                              "loss": [h["loss"] for h in res["history"]],
+                              "forward_tokens": sum(h["forward_tokens"] for h in res["history"]),
+                              "tokens": sum(h["tokens"] for h in res["history"]), "load_avg_1m": os.getloadavg()[0]})
+            print(f"{arm:16s} {tokens_per_s:7.1f} tokens/s {tokens_per_cpu_s:7.1f} tokens/CPU-s  loss "
+                  f"{' '.join(f'{x:.4f}' for x in runs[arm][-1]['loss'])}", flush=True)
+    best = {arm: max(rs, key=lambda r: r["tokens_per_s"]) for arm, rs in runs.items()}
+    diff = max_score_diff(groups[:8], model_path, t.max_seq_len)
+    loss_gap = lambda a, b: max(abs(x - y) for x, y in zip(best[a]["loss"], best[b]["loss"]))  # noqa: E731
+    line = {"shared_over_unshared": best["shared_fp32"]["tokens_per_s"] / best["unshared_fp32"]["tokens_per_s"],
+            "max_abs_score_diff": diff,
+            "bf16_over_fp32": best["shared_amp_bf16"]["tokens_per_s"] / best["shared_fp32"]["tokens_per_s"],
+            "shared_bf16_over_unshared_fp32":
+                best["shared_amp_bf16"]["tokens_per_s"] / best["unshared_fp32"]["tokens_per_s"],
+            "max_abs_loss_diff_shared": loss_gap("shared_fp32", "unshared_fp32"),
+            "max_abs_loss_diff_bf16": loss_gap("shared_amp_bf16", "shared_fp32")}
+    out = {**line, "arms": runs, "groups": args.groups if Path(args.groups).exists() else "made from the preset",
+           "num_groups": len(groups), "train": train, "threads": args.threads, "model_path": model_path,
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **cpu_info()}}
+    (RESULTS / "train_shared_prefix.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(line))
+    return out
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and whether it has the bf16 matrix instructions (AMX) or dot products (AVX512)."""
+    path = Path("/proc/cpuinfo")
+    lines = path.read_text().splitlines() if path.is_file() else []
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[:40])}
+    flags = field.get("flags", "").split()
+    return {"cpu": field.get("model name", platform.processor()), **{f: f in flags for f in ("amx_bf16", "avx512_bf16")}}
+
+
+def run_in_child(arm: str, spec: dict) -> dict:
+    """`run_arm` in a fresh process (DeepSpeed keeps the first process group it saw; peak RSS is the arm's own)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        subprocess.run([sys.executable, __file__, "--arm", arm, str(spec_path), str(out_path)], check=True)
+        return json.loads(out_path.read_text())
 
 
 def gpu_benchmark(args) -> dict:
@@ -218,8 +330,10 @@ def main():
     p.add_argument("--model", default="tiny", help="CPU: 'tiny' (a ~11M random Llama), a folder or a hub id")
     p.add_argument("--arms", nargs="+", default=["plain", "ds_local", "ray_1", "ray_2"])
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3, help="runs per arm, interleaved; the best one counts")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per process / worker")
+    p.add_argument("--repeats", type=int, default=None, help="runs per arm, interleaved; the best one counts "
+                   "(default 3; --shared-prefix-compare: 2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process / worker (default 1; "
+                   "--shared-prefix-compare: 2)")
     p.add_argument("--questions", type=int, default=64)
     p.add_argument("--questions-per-step", type=int, default=None, help="default: CPU 4, GPU 16")
     p.add_argument("--micro-batch-questions", type=int, default=4, help="GPU only (CPU: 2)")
@@ -227,13 +341,23 @@ def main():
     p.add_argument("--prompt-len", type=int, default=None, help="default: CPU 48, GPU 256")
     p.add_argument("--cot-len", type=int, default=None, help="default: CPU 64, GPU 384")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
+    p.add_argument("--shared-prefix-compare", action="store_true",
+                   help="the default preset's groups: shared-prefix against unshared, amp_bf16 against fp32")
+    p.add_argument("--groups", default=str(REPO / "runs/gsm8k_cpu/rounds/1/samples.parquet"),
+                   help="--shared-prefix-compare: a round's samples.parquet (else made from the preset)")
     p.add_argument("--arm", nargs=3, help=argparse.SUPPRESS)  # internal: ARM SPEC_JSON OUT_JSON
     args = p.parse_args()
     if args.arm:
         arm, spec_path, out_path = args.arm
         Path(out_path).write_text(json.dumps(run_arm(arm, json.loads(Path(spec_path).read_text()))))
         return
+    if args.shared_prefix_compare:
+        RESULTS.mkdir(exist_ok=True)
+        args.repeats, args.threads = args.repeats or 2, args.threads or 2  # the preset's worker: 2 CPUs
+        shared_prefix_compare(args)
+        return
     gpu = args.gpu
+    args.repeats, args.threads = args.repeats or 3, args.threads or 1
     for name, cpu_default, gpu_default in [("questions_per_step", 4, 16), ("k", 3, 4), ("prompt_len", 48, 256),
                                            ("cot_len", 64, 384)]:
         if getattr(args, name) is None:

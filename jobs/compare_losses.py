@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aftray.run.console import quiet_ray_data, setup_logging  # noqa: E402
+from aftray.run.console import log_to_file, quiet_ray_data, setup_logging  # noqa: E402
 
 
 def int_list(text: str) -> list[int]:
@@ -75,6 +75,7 @@ def main() -> int:
         markers(args.results_section)  # a bad name fails now, not after the runs
     except ValueError as e:
         parser.error(str(e))
+    log_to_file(Path(args.out) / "compare.log")  # before Ray starts: its workers log there too
     result = run_comparison(args.config, args.arms.split(","), args.seeds, args.out, args.overrides,
                             shared_base=not args.base_per_seed, grid=grid, bases_dir=args.bases,
                             base_seed=args.base_seed, task_seeds=args.task_seeds, contrasts=contrasts)

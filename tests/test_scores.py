@@ -7,7 +7,7 @@ import torch
 
 from aftray.config import LossConfig
 from aftray.rows import group_row
-from aftray.train.losses import OBJECTIVES
+from aftray.train.losses import OBJECTIVES, sequences_needed
 from aftray.train.scores import _fit, collate_groups, logp_drift, score_groups, sequence_logps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,11 +70,12 @@ def test_collate_keeps_groups_and_labels():
         assert torch.allclose(batch.ref_logp[g, :k], torch.tensor(row["sample_logp"]))
         assert batch.cot_tokens[g, :k].tolist() == [len(c) for c in row["cot_ids"]]
         assert batch.ref_tokens[g] == len(row["ref_cot_ids"])
-    # scored tokens are exactly the COT tokens: sum of targets == all COT lengths, none in the first position
-    assert batch.targets.sum() == batch.cot_tokens.sum() + batch.ref_tokens.sum()
-    assert not batch.targets[:, 0].any() and batch.num_truncated == 0
+    # scored tokens are exactly the COT tokens, each read from the logits one position earlier in its row
+    assert len(batch.labels) == batch.cot_tokens.sum() + batch.ref_tokens.sum() and batch.num_truncated == 0
     ids, att = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-    assert (batch.targets <= att.bool()).all() and ids[~att.bool()].eq(0).all()
+    assert ids.flatten()[batch.logit_index + 1].tolist() == batch.labels.tolist()
+    assert att.flatten()[batch.logit_index].all() and ids[~att.bool()].eq(0).all()
+    assert batch.forward_tokens == batch.sequence_tokens == att.sum()
 
 
 def test_collate_flags_and_numpy_rows():
@@ -97,13 +98,18 @@ def test_packing_fills_rows_of_max_seq_len():
     batch = collate_groups(rows, 32, packed=True)
     ids, pos = batch.inputs["input_ids"], batch.inputs["position_ids"]
     assert ids.shape[1] <= 32 and 1 < ids.shape[0] < len(batch.seq_group)
+    scored = torch.zeros(ids.numel(), dtype=torch.bool)
+    scored[batch.logit_index + 1] = True
+    scored, seq_at = scored.view(ids.shape), torch.full((ids.numel(),), -1).index_put_(
+        (batch.logit_index + 1,), batch.label_seq).view(ids.shape)
     seen = []
     for r in range(ids.shape[0]):  # each block starts at position 0: a whole sequence or a row's tail padding
         starts = torch.nonzero(pos[r] == 0).flatten().tolist() + [ids.shape[1]]
         for a, e in zip(starts, starts[1:], strict=False):
             assert pos[r, a:e].tolist() == list(range(e - a))
-            if batch.targets[r, a:e].any():
-                seen += batch.seq_index[r, a:e].unique().tolist()
+            if scored[r, a:e].any():
+                assert len(seq_at[r, a:e][scored[r, a:e]].unique()) == 1  # one sequence per block
+                seen += seq_at[r, a:e][scored[r, a:e]].unique().tolist()
             else:
                 assert (ids[r, a:e] == 0).all()
     assert sorted(seen) == list(range(len(batch.seq_group)))
@@ -165,7 +171,7 @@ def test_flash_attention_gets_packed_rows_as_one_row(model):
     flash = FlashLabelled(model)
     with torch.no_grad():
         flat, padded = sequence_logps(flash, packed), sequence_logps(model, collate_groups(rows, 32))
-    assert packed.inputs["input_ids"].shape[0] > 1 and flash.shapes == [(1, packed.targets.numel())]
+    assert packed.inputs["input_ids"].shape[0] > 1 and flash.shapes == [(1, packed.inputs["input_ids"].numel())]
     assert torch.allclose(flat, padded, atol=1e-5)
 
 
@@ -235,3 +241,103 @@ def test_logp_drift_is_per_token(model):
                                                                             abs=1e-4)
     longest = max(len(r["prompt_ids"]) + len(c) for r in rows for c in r["cot_ids"])
     assert len(logp_drift(model, rows, longest - 1, 0, "cpu")) < len(same)
+
+
+def unshared_and_shared(model, rows, max_seq_len=64, **flags):
+    """S of every sequence under the unshared (padded) and the shared-prefix layouts, with the batches."""
+    plain, shared = (collate_groups(rows, max_seq_len, **flags, shared_prefix=s) for s in (False, True))
+    return sequence_logps(model, plain), sequence_logps(model, shared), plain, shared
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_scores_equal_unshared(attn):
+    """One prompt per group, each COT scored as if alone: same S per sequence (fp32, 1e-5), fewer tokens."""
+    model = tiny_llama(attn)
+    rows = make_rows(torch.Generator().manual_seed(10), sizes=(3, 1, 4, 0, 2))
+    with torch.no_grad():
+        plain, shared, a, b = unshared_and_shared(model, rows)
+    assert torch.allclose(shared, plain, atol=1e-5)
+    assert b.sequence_tokens == a.sequence_tokens
+    prompts = sum(len(r["prompt_ids"]) * len(r["cot_ids"]) for r in rows)  # k + 1 copies become one
+    assert b.forward_tokens == a.forward_tokens - prompts
+    assert b.inputs["attention_mask"].shape == (b.inputs["input_ids"].shape[0], 1) + (b.inputs["input_ids"].shape[1],) * 2
+
+
+def test_shared_prefix_attention_stays_in_its_cot(model):
+    """Changing one COT changes its own score only: COTs of a group see the prompt, not each other."""
+    rows = make_rows(torch.Generator().manual_seed(11), sizes=(3, 2))
+    with torch.no_grad():
+        before = sequence_logps(model, collate_groups(rows, 64, shared_prefix=True))
+        rows[0]["cot_ids"][1] = [(t % (VOCAB - 1)) + 1 for t in rows[0]["cot_ids"][1]]
+        after = sequence_logps(model, collate_groups(rows, 64, shared_prefix=True))
+        rows[0]["prompt_ids"] = [(t % (VOCAB - 1)) + 1 for t in rows[0]["prompt_ids"]]
+        new_prompt = sequence_logps(model, collate_groups(rows, 64, shared_prefix=True))
+    assert ((before - after).abs() > 1e-6).tolist() == [False, False, True, False, False, False, False]
+    assert ((after - new_prompt).abs() > 1e-6).tolist() == [True] * 4 + [False] * 3
+
+
+def test_shared_prefix_keeps_cut_cots_unshared(model):
+    """A COT that max_seq_len cuts keeps its own cut prompt (as the unshared layouts score it); the rest share."""
+    rows = make_rows(torch.Generator().manual_seed(12), sizes=(3,))
+    rows[0]["cot_ids"][2] = list(range(1, 31))
+    max_len = len(rows[0]["prompt_ids"]) + 14
+    with torch.no_grad():
+        plain, shared, a, b = unshared_and_shared(model, rows, max_len)
+    assert b.num_truncated == a.num_truncated == 1 and torch.allclose(shared, plain, atol=1e-5)
+    assert b.forward_tokens == a.forward_tokens - 2 * len(rows[0]["prompt_ids"])  # ref + 2 COTs share one
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_shared_prefix_gradients_equal_unshared(name):
+    """Every objective: the same loss and parameter gradients (fp32, rtol 1e-4) from either layout."""
+    model = tiny_llama().float()
+    model.train()
+    rows = make_rows(torch.Generator().manual_seed(13), sizes=(3, 4, 2))
+    cfg = LossConfig(name=name)
+    with_ref, with_samples = sequences_needed(cfg)
+    grads = []
+    for shared in (False, True):
+        model.zero_grad(set_to_none=True)
+        batch = collate_groups(rows, 64, with_ref=with_ref, with_samples=with_samples, shared_prefix=shared)
+        loss, _ = OBJECTIVES[name](cfg, score_groups(model, batch))
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_a, ga), (loss_b, gb) = grads
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6) and len(ga) == len(gb) > 0
+    for x, y in zip(ga, gb, strict=True):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), (x - y).abs().max()
+
+
+def test_shared_prefix_drift_matches(model):
+    rows = make_rows(torch.Generator().manual_seed(14), sizes=(3, 2))
+    for row in rows:
+        row["sample_token_logp"] = [naive_token_logps(model, row["prompt_ids"], c) for c in row["cot_ids"]]
+    with torch.no_grad():
+        assert max(logp_drift(model, rows, 64, 0, "cpu", shared_prefix=True)) < 1e-4
+
+
+def test_shared_prefix_on_smollm2():
+    """The real model (rotary, GQA, tied embeddings): scores within 1e-5, gradients within rtol 1e-4."""
+    from aftray.config import ModelConfig
+    from aftray.models import load_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"))
+    tok, model = load_tokenizer(path), load_model(path)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    shot = "Question: Ann has 3 pens and buys 4 more. How many pens?\nAnswer: 3 + 4 = 7.\n#### 7\n\n"
+    cots = ["5 + 6 = 11.\n#### 11", "5 + 6 = 12.\n#### 12", "She has 5, then 6 more: 11.\n#### 11"]
+    rows = make_rows(torch.Generator().manual_seed(15), sizes=(3, 2))
+    for row, q in zip(rows, ["Bo has 5 cars and gets 6. How many cars?", "Cy reads 9 pages, then 2. Pages?"]):
+        row["prompt_ids"], row["ref_cot_ids"] = ids(shot + f"Question: {q}\nAnswer:"), ids(" " + cots[0])
+        row["cot_ids"] = [ids(" " + c) for c in cots[:len(row["cot_ids"])]]
+    cfg = LossConfig(name="aft_bc")
+    out = []
+    for shared in (False, True):
+        model.zero_grad(set_to_none=True)
+        scored = score_groups(model, collate_groups(rows, 256, shared_prefix=shared, pad_id=tok.pad_token_id))
+        OBJECTIVES["aft_bc"](cfg, scored)[0].backward()
+        out.append((scored.logp.detach(), scored.vft_logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (logp_a, vft_a, ga), (logp_b, vft_b, gb) = out
+    assert torch.allclose(logp_a, logp_b, atol=1e-5) and torch.allclose(vft_a, vft_b, atol=1e-5)
+    for x, y in zip(ga, gb, strict=True):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-4 * x.abs().max().item()), (x - y).abs().max()

@@ -154,12 +154,20 @@ def test_groups_from_a_parquet_folder_in_id_order(tmp_path, tiny_model_path):
         load_groups(tmp_path / "bad.parquet")
 
 
-def test_local_stage_without_ray(tmp_path, tiny_model_path):
+def test_local_stage_without_ray(tmp_path, tiny_model_path, monkeypatch):
     """The same loop in this process (a world of one), VFT stage over one pass: 8 groups / 2 per step; ZeRO-3,
-    so the saved weights are gathered from DeepSpeed's partitions."""
+    so the saved weights are gathered from DeepSpeed's partitions. No C++ is compiled on the way (DeepSpeed's
+    shm all-reduce op: `skip_shm_comm_op`)."""
+    import torch.utils.cpp_extension
+
     from aftray.models import load_model, load_tokenizer
     from aftray.train.stage import StageResult
     from aftray.train.worker import train_stage_local
+
+    def no_compile(name, *args, **kwargs):
+        raise AssertionError(f"a C++ build of {name} in a training stage")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compile)
 
     tokenizer = load_tokenizer(tiny_model_path)
     train = small_train(num_workers=1, questions_per_step=2, micro_batch_questions=2, vft_lr=1e-2, zero_stage=3)

@@ -78,8 +78,12 @@ def greedy_params(cfg: Config) -> SamplingParams:
 
 
 def greedy_accuracy(pool, rows: list[dict], r: int, cfg: Config, answer_kind: str) -> float:
-    """Exact-match accuracy of greedy decoding (one COT per question)."""
-    groups = sample_groups(pool, ray.data.from_items(rows), r, cfg.verify, answer_kind, greedy_params(cfg))
+    """Exact-match accuracy of greedy decoding (one COT per question). Each engine gets its share of the
+    questions in one call: an engine step costs little more for 200 sequences than for 64 on 2 cores, and a
+    last, small batch would decode its longest answer nearly alone (200 questions: 46 s, not 59 s)."""
+    per_engine = -(-len(rows) // pool.cfg.num_actors)
+    groups = sample_groups(pool, ray.data.from_items(rows), r, cfg.verify, answer_kind, greedy_params(cfg),
+                           per_engine)
     correct = groups.select_columns(["correct"]).take_all()
     return sum(bool(len(g["correct"]) and g["correct"][0]) for g in correct) / len(correct)
 

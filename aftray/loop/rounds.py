@@ -113,11 +113,15 @@ class Run:
         # weights are labelled with the round that produced them; the base model, before any round, is -1
         self.version = max(self.finished, default=-1)
         self.weights: str | Path | ray.ObjectRef = self.checkpoint_of(self.version)
-        self.pool = RolloutPool(cfg.rollout, self.weights, version=self.version)
-        self.evaluator = Evaluator(cfg, self.pool, self.task.answer_kind, self.eval_rows, self.dir)
         self.owns_trainer = trainer is None
         self.trainer = trainer or TrainService(cfg.train, self.dir.root / "train_state",
                                                cfg.cluster.placement_strategy)
+        if self.owns_trainer and len(self.finished) <= cfg.loop.rounds:
+            # the train workers start (processes, imports, process group) while the samplers start and round 0
+            # evaluates, not when round 1 first needs them: ~25 s off the run's critical path on 2 cores
+            self.trainer.start()
+        self.pool = RolloutPool(cfg.rollout, self.weights, version=self.version)
+        self.evaluator = Evaluator(cfg, self.pool, self.task.answer_kind, self.eval_rows, self.dir)
         self.groups: dict[int, list] = {}  # round -> refs to its group rows' blocks (until it trains)
         # align steps taken so far: where the next stage starts on the run's learning-rate schedule
         self.align_steps = sum(self.dir.read_round_metrics(r).get("train_steps", 0) for r in self.finished if r)

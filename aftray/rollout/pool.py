@@ -238,17 +238,17 @@ class RolloutPool:
     def engine_pids(self) -> list[int]:
         return ray.get([e.pid.remote() for e in self._engines])
 
-    def sample(self, questions: ray.data.Dataset, round: int, params: SamplingParams | None = None
-               ) -> ray.data.Dataset:
+    def sample(self, questions: ray.data.Dataset, round: int, params: SamplingParams | None = None,
+               batch_size: int | None = None) -> ray.data.Dataset:
         """Question rows (`question_rows` columns) with their `completions` (`Completion` dicts) and
         `weights_version`, lazily: nothing runs until the dataset is consumed, and rows stream through (never
         collected on the driver). `params` defaults to the config's sampling (k, temperature, top-p, max new
         tokens, seed); its seed is the base of per-question seeds. A batch holds about `batch_size` x `k`
         sequences whatever `params.n`: greedy evaluation (n = 1) sends k times as many questions per call, since
-        an engine's step costs much the same for 16 sequences as for 64."""
+        an engine's step costs much the same for 16 sequences as for 64. batch_size: questions per call instead."""
         params = params or SamplingParams.from_config(self.cfg)
         in_flight = 2 * self.cfg.num_actors  # one batch running and one queued per engine
-        batch_size = max(1, self.cfg.batch_size * self.cfg.k // params.n)
+        batch_size = batch_size or max(1, self.cfg.batch_size * self.cfg.k // params.n)
         return questions.map_batches(
             _rollout_batch, batch_format="pyarrow", batch_size=batch_size, num_cpus=0,
             compute=ray.data.TaskPoolStrategy(size=in_flight),

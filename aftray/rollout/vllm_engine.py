@@ -225,48 +225,48 @@ class VLLMEngine(Engine):
         import vllm
         from vllm.inputs import TokensPrompt
 
+        # Log-probs are computed for positions the prefix cache does not hold, and that computation (the LM head
+        # and a log-softmax over the vocabulary at each position) costs more than the forward pass itself. So the
+        # prompts (all but their last token, whose logits score the COT's first token) are cached first, and each
+        # sequence then computes its COT alone. A cache hit that reached into a COT would leave those positions
+        # without log-probs: COTs of one question often open alike, so COTs whose first KV block could match a
+        # sibling's get different cache salts (vLLM keys cached blocks by salt too), and their prompt is cached
+        # once per salt.
+        block = self.llm.llm_engine.vllm_config.cache_config.block_size
         sequences = [p + c for p, c in zip(prompt_ids, cot_ids, strict=True)]
-        outputs: list = [None] * len(sequences)
-        pending = list(range(len(sequences)))
-        # a prompt's KV blocks are read from the prefix cache, but a hit that reaches into a COT leaves those
-        # positions without log-probs. COTs these weights sampled are cached, and COTs of one question that open
-        # alike share their first block: so the cache is emptied, refilled with the prompts alone, and the COTs
-        # that still hit into themselves go again in a smaller batch (re-scoring whole sequences without the cache
-        # measured 3x slower with 32-token blocks). A pass that scores none of them falls back to no cache.
-        while pending:
-            self.llm.reset_prefix_cache()
-            # all but a prompt's last token: a cached last position would leave the COT's first token unscored
-            prompts = list({tuple(prompt_ids[i][:-1]): None for i in pending if len(prompt_ids[i]) > 1})
-            self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                              vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
-            hit_cot = []
-            for i, out in zip(pending, self._prompt_logprobs([sequences[i] for i in pending], from_cache=True)):
-                if (out.num_cached_tokens or 0) >= len(prompt_ids[i]):
-                    hit_cot.append(i)
-                else:
-                    outputs[i] = out
-            if len(hit_cot) == len(pending):
-                for i, out in zip(hit_cot, self._prompt_logprobs([sequences[i] for i in hit_cot], from_cache=False)):
-                    outputs[i] = out
-                break
-            pending = hit_cot
+        salts, seen = [], {}
+        for p, seq in zip(prompt_ids, sequences, strict=True):
+            head = tuple(seq[: ((len(p) - 1) // block + 1) * block])  # up to the end of the COT's first block
+            seen[head] = seen.get(head, -1) + 1
+            salts.append(f"score-{seen[head]}")
+        self.llm.reset_prefix_cache()
+        prompts = list({(tuple(p[:-1]), salt): None for p, salt in zip(prompt_ids, salts) if len(p) > 1})
+        self.llm.generate([TokensPrompt(prompt_token_ids=list(p), cache_salt=salt) for p, salt in prompts],
+                          vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+        outputs = self._prompt_logprobs(sequences, salts)
+        hit_cot = [i for i, out in enumerate(outputs) if (out.num_cached_tokens or 0) >= len(prompt_ids[i])]
+        for i, out in zip(hit_cot, self._prompt_logprobs([sequences[i] for i in hit_cot], None)):
+            outputs[i] = out  # not expected; then scored whole, without the cache
         # prompt_logprobs[j]: {token id: Logprob} of prompt token j (None for j = 0)
         return [sum(out.prompt_logprobs[len(p) + i][t].logprob for i, t in enumerate(c))
                 for out, p, c in zip(outputs, prompt_ids, cot_ids, strict=True)]
 
-    def _prompt_logprobs(self, sequences: list[list[int]], from_cache: bool) -> list:
-        """One forward pass over each sequence, with the log-prob of every token after the first. from_cache:
-        positions whose KV blocks are in the prefix cache (a prompt rollout or evaluation just ran, say) are
-        not recomputed and get no log-prob (vLLM skips the cache for prompt log-probs unless told otherwise);
-        their token ids are unset too, hence no detokenizing (which would also cost a decode per position)."""
+    def _prompt_logprobs(self, sequences: list[list[int]], salts: list[str] | None) -> list:
+        """One forward pass over each sequence, with the log-prob of every token after the first. salts: read
+        the prefix cache under these salts, positions found there not recomputed and without a log-prob (vLLM
+        skips the cache for prompt log-probs unless told otherwise); None: no cache. Their token ids are unset
+        too, hence no detokenizing (which would also cost a decode per position)."""
         import vllm
         from vllm.inputs import TokensPrompt
 
         if not sequences:
             return []
         sampling = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False,
-                                       skip_reading_prefix_cache=not from_cache)
-        return self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], sampling, use_tqdm=False)
+                                       skip_reading_prefix_cache=salts is None)
+        return self.llm.generate([TokensPrompt(prompt_token_ids=s, cache_salt=salt) if salt else
+                                  TokensPrompt(prompt_token_ids=s)
+                                  for s, salt in zip(sequences, salts or [None] * len(sequences), strict=True)],
+                                 sampling, use_tqdm=False)
 
     def update_weights(self, state_dict: dict, version: int) -> None:
         """A state dict in place. An engine core in this process takes the tensors themselves (vLLM's
@@ -278,9 +278,10 @@ class VLLMEngine(Engine):
         if self.tied_embed:  # the served copy is untied: its head is refreshed from the embedding
             state_dict = {**state_dict, "lm_head.weight": state_dict[self.tied_embed]}
         if self in _in_process:
-            # vLLM then logs "RotaryEmbedding: Failed to load weights" at each reload: its cos/sin cache counts as a
-            # loadable tensor no checkpoint holds, so the layerwise reload puts the old one back (it depends on
-            # the config alone). Harmless: the drift check reads <= 6e-6 nats per token after every refresh
+            # vLLM then logs "RotaryEmbedding: Failed to load weights" at each reload (to the run's log file:
+            # aftray.logs): its cos/sin cache counts as a loadable tensor no checkpoint holds, so the layerwise
+            # reload puts the old one back (it depends on the config alone). Harmless: the drift check reads
+            # <= 6e-6 nats per token after every refresh
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})
             self.llm.reset_prefix_cache()
             self.version = version

@@ -4,7 +4,8 @@ On a terminal, long phases show a live line (tqdm, redrawn in place; log lines p
 for rollout and evaluation, elapsed time for training (its steps run in the Ray Train workers). When the output
 goes to a file or a job log (`ray job submit`) there are only the plain lines. Ray Data's own progress (bars on
 a terminal, an 8-line block every few seconds elsewhere) and its per-dataset INFO lines stay off the console;
-Ray's session log folder keeps them.
+Ray's session log folder keeps them. Other libraries' lines go to the run's log file, not the console
+(`log_to_file`, `aftray.logs`).
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import os
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 from tqdm import tqdm
 
+from aftray.logs import route
 from aftray.run.metrics import binomial_se
 
 log = logging.getLogger("aftray")
@@ -56,6 +59,16 @@ def setup_logging() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars for loading and saving weights
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not its database set-up lines
+
+
+def log_to_file(path: str | Path) -> Path:
+    """From here on, other libraries' lines go to the file at `path`, in this process and in the Ray workers it
+    starts after this (`aftray.logs`); the console keeps our lines, the live lines and errors. Says where, once.
+    Call it after the libraries are imported (it takes their console handlers over) and before Ray starts."""
+    console = next((h for h in logging.getLogger().handlers if isinstance(h, _Handler)), None) or _Handler()
+    path = route(path, console)
+    log.info("log file: %s (other libraries' warnings and notices)", path)
+    return path
 
 
 def quiet_ray_data() -> None:

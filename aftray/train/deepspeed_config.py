@@ -39,3 +39,15 @@ def deepspeed_config(train: TrainConfig, grad_accum: int, world_size: int, offlo
         config["optimizer"] = {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
                                                           "betas": list(ADAM_BETAS)}}
     return config
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from building its `deepspeed_shm_comm` op. Its communication backend builds it when it is
+    created, at a process's first `deepspeed.initialize` (deepspeed/comm/torch.py: TorchBackend.__init__ calls
+    build_shm_op): on CPU a C++ JIT compile, ~55 s on 2 cores the first time, after probing every op's compiler
+    support. Only DeepSpeed inference's tensor-parallel all-reduce (`inference_all_reduce`) uses the op;
+    training's collectives go through torch.distributed at any world size. Called before `initialize`."""
+    import importlib
+
+    # the module itself: the attribute deepspeed.comm.torch is the torch package (deepspeed.comm star-imports it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

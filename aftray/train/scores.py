@@ -2,16 +2,25 @@
 
 `collate_groups` turns group rows (docs/internals.md "Group row") into one micro-batch that keeps whole
 question groups together: each group contributes its reference COT (the VFT target) and its sampled COTs, each
-as one (prompt, COT) sequence whose COT tokens are scored and whose prompt tokens and padding are not.
-Layouts:
-- padded: [N, T], right-padded, with an attention mask;
-- packed (padding-free): whole sequences packed into rows of at most max_seq_len tokens (first-fit
-  decreasing), position ids restarting at 0 per sequence, no attention mask. transformers (5.x) then finds the
-  sequence boundaries from the position ids and builds a block-diagonal causal mask (sdpa, eager, flex), and
+scored as the continuation of the group's prompt. The unit of layout is a *segment*: a prompt followed by one
+or more COTs (its branches). Layouts:
+- padded: one segment of one COT per row, right-padded, with an attention mask;
+- packed (padding-free): one-COT segments packed into rows of at most max_seq_len tokens (first-fit
+  decreasing), position ids restarting at 0 per segment, no attention mask. transformers (5.x) then finds the
+  boundaries from the position ids and builds a block-diagonal causal mask (sdpa, eager, flex), and
   flash-attention turns them into varlen boundaries: attention never crosses sequences, and rotary positions
   are those of the padded layout. Rows rather than one long row because without varlen kernels attention costs
   the square of the row length (flash-attention, which needs one row, gets them flattened). The few pad tokens
   closing a row restart their positions too, so they form a block of their own.
+- shared prefix (`train.shared_prefix`): one segment per group, its prompt once and then every COT of the group,
+  each COT at the positions it has after the prompt (P, P+1, ...). A 4D attention mask lets a COT token see the
+  prompt and the earlier tokens of its own COT only, so each COT's scores are those of the unshared layouts
+  while the prompt (most of each sequence under a few-shot prompt) is forwarded once, not k + 1 times, and its
+  gradient sums over the COTs that read it. Segments (and COTs cut by max_seq_len, which become one-COT segments
+  with their own cut prompt) are packed first-fit into rows as long as the longest segment. Needs an attention
+  kernel that takes an arbitrary mask (sdpa, eager): see `takes_custom_masks`.
+Every scored token is read from the logits at the position that predicts it (`logit_index`): the previous
+token of its COT, or the prompt's last token for a COT's first token.
 `score_groups(model, batch)` runs the forward pass and returns the `ScoredBatch` the objectives read.
 Pure python/torch (no Ray): the Ray Train loop calls these on its dataset shard's rows.
 """
@@ -22,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 from aftray.train.losses import ScoredBatch
 
@@ -30,9 +38,11 @@ from aftray.train.losses import ScoredBatch
 @dataclass
 class GroupBatch:
     """One micro-batch: N (prompt, COT) sequences of G question groups; K = most sampled COTs of a group."""
-    inputs: dict[str, Tensor]  # model kwargs: input_ids + attention_mask (padded) or + position_ids (packed)
-    targets: Tensor  # [B, T] bool: a scored COT token (predicted by the logits one position earlier)
-    seq_index: Tensor  # [B, T] long: the sequence each token belongs to (read only at targets)
+    inputs: dict[str, Tensor]  # model kwargs: input_ids [B, T] + attention_mask (2D padded, 4D shared prefix)
+    #                            and/or position_ids (packed, shared prefix)
+    logit_index: Tensor  # [M] flat position in [B * T] of the logits that predict each scored COT token
+    labels: Tensor  # [M] that token
+    label_seq: Tensor  # [M] the sequence it belongs to
     seq_group: Tensor  # [N] its group
     seq_slot: Tensor  # [N] its sampled-COT slot in the group, -1 for the reference COT
     cot_tokens: Tensor  # [G, K] scored tokens per sampled COT (0 at padding)
@@ -43,6 +53,8 @@ class GroupBatch:
     process: Tensor  # [G, K] float (`process`, NaN when nothing is checkable)
     ref_logp: Tensor  # [G, K] float (`sample_logp`; NaN where truncation made it stale)
     num_truncated: int  # sequences cut to max_seq_len
+    forward_tokens: int  # tokens the forward pass runs over (padding excluded)
+    sequence_tokens: int  # Σ (prompt + COT) over the sequences: what a layout without sharing forwards
 
     def to(self, device) -> GroupBatch:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -60,7 +72,7 @@ def _fit(prompt: list[int], cot: list[int], max_len: int) -> tuple[list[int], li
 
 
 def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Sequence indices per packed row, longest first into the first row with room (first-fit decreasing)."""
+    """Item indices per packed row, longest first into the first row with room (first-fit decreasing)."""
     rows, room = [], []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         j = next((j for j, r in enumerate(room) if r >= lengths[i]), len(rows))
@@ -72,13 +84,43 @@ def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+@dataclass
+class _Segment:
+    """A prompt and the COTs that continue it, laid out as prompt, COT 1, COT 2, ..."""
+    prompt: list[int]
+    cots: list[tuple[int, list[int]]]  # (sequence number, COT tokens)
+
+    def __len__(self) -> int:
+        return len(self.prompt) + sum(len(c) for _, c in self.cots)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Per token: ids, positions, branch (0: the prompt, b: the b-th COT); per scored token: the local
+        position of the logits that predict it, the token, its sequence."""
+        p = len(self.prompt)
+        ids, pos, branch, logit, labels, seqs = [self.prompt], [list(range(p))], [[0] * p], [], [], []
+        start = p
+        for b, (seq, cot) in enumerate(self.cots, 1):
+            ids.append(cot)
+            pos.append(list(range(p, p + len(cot))))
+            branch.append([b] * len(cot))
+            first = 0 if p else 1  # without a prompt the first token has nothing to be predicted from
+            logit += [start + j - 1 if j else p - 1 for j in range(first, len(cot))]
+            labels += cot[first:]
+            seqs += [seq] * (len(cot) - first)
+            start += len(cot)
+        flat = lambda parts: torch.tensor([x for part in parts for x in part], dtype=torch.long)  # noqa: E731
+        return {"ids": flat(ids), "pos": flat(pos), "branch": flat(branch), "logit": torch.tensor(logit),
+                "labels": torch.tensor(labels, dtype=torch.long), "seq": torch.tensor(seqs, dtype=torch.long)}
+
+
 def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, with_ref: bool = True,
-                   with_samples: bool = True, pad_id: int = 0) -> GroupBatch:
+                   with_samples: bool = True, pad_id: int = 0, shared_prefix: bool = False) -> GroupBatch:
     """Group rows -> one micro-batch holding every sequence of every row (whole groups, never split).
 
     rows: dicts with `prompt_ids`, `ref_cot_ids`, `cot_ids`, `correct`, `rank`, `process`, `sample_logp`
     (lists or numpy arrays, as Ray Data hands them over). with_ref / with_samples: include the reference COT /
-    the sampled COTs (see `aftray.train.losses.sequences_needed`)."""
+    the sampled COTs (see `aftray.train.losses.sequences_needed`). shared_prefix: one prompt per group (the
+    layout in the module docstring); `packed` is then implied."""
     g_count = len(rows)
     k_max = max((len(r["cot_ids"]) for r in rows), default=0) if with_samples else 0
     mask = torch.zeros(g_count, k_max, dtype=torch.bool)
@@ -88,7 +130,7 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
     ref_logp = torch.full((g_count, k_max), float("nan"))
     cot_tokens = torch.zeros(g_count, k_max, dtype=torch.long)
     ref_tokens = torch.zeros(g_count, dtype=torch.long)
-    seqs, seq_group, seq_slot, num_truncated = [], [], [], 0
+    segments, seq_group, seq_slot, num_truncated, sequence_tokens = [], [], [], 0, 0
     for g, row in enumerate(rows):
         prompt = [int(t) for t in row["prompt_ids"]]
         items = [(-1, row["ref_cot_ids"])] if with_ref else []
@@ -99,15 +141,17 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
             ranks[g, :k] = torch.as_tensor(row["rank"], dtype=torch.long)
             process[g, :k] = torch.as_tensor(row["process"], dtype=torch.float32)
             ref_logp[g, :k] = torch.as_tensor(row["sample_logp"], dtype=torch.float32)
+        shared = _Segment(prompt, [])
         for slot, cot in items:
             cot = [int(t) for t in cot]
             p, c = _fit(prompt, cot, max_seq_len)
-            n = len(c) - (len(p) == 0)  # without a prompt the first token has nothing to be predicted from
+            n = len(c) - (len(p) == 0)
             if n <= 0:
                 continue
             cut = len(p) + len(c) < len(prompt) + len(cot)
             num_truncated += cut
-            seqs.append((p + c, len(p) + (len(p) == 0)))
+            sequence_tokens += len(p) + len(c)
+            seq = len(seq_group)
             seq_group.append(g)
             seq_slot.append(slot)
             if slot < 0:
@@ -116,52 +160,94 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
                 mask[g, slot], cot_tokens[g, slot] = True, n
                 if cut:
                     ref_logp[g, slot] = float("nan")
+            if shared_prefix and p and not cut:  # a cut COT keeps its own cut prompt, as unshared
+                shared.cots.append((seq, c))
+            else:
+                segments.append(_Segment(p, [(seq, c)]))
+        if shared.cots:
+            segments.append(shared)
 
-    ids = [torch.tensor(s, dtype=torch.long) for s, _ in seqs]
-    targets = [torch.arange(len(s)) >= start for s, start in seqs]
-    index = [torch.full((len(s),), i, dtype=torch.long) for i, (s, _) in enumerate(seqs)]
-    if packed:
-        bins = _first_fit([len(x) for x in ids], max_seq_len)
-        used = [sum(len(ids[i]) for i in row) for row in bins]
-
-        def pack(parts, pad):  # [rows, width]: each row's sequences, its tail filled by pad(n)
-            lines = [[parts[i] for i in row] + [pad(max(used) - n)]
-                     for row, n in zip(bins, used, strict=True)]
-            return torch.stack([torch.cat(line) for line in lines])
-
-        inputs = {"input_ids": pack(ids, lambda n: torch.full((n,), pad_id)),
-                  "position_ids": pack([torch.arange(len(x)) for x in ids], torch.arange)}
-        targets = pack(targets, lambda n: torch.zeros(n, dtype=torch.bool))
-        index = pack(index, lambda n: torch.zeros(n, dtype=torch.long))
+    parts = [s.tensors() for s in segments]
+    lengths = [len(s) for s in segments]
+    if shared_prefix:
+        bins = _first_fit(lengths, max(lengths + [max_seq_len]))
+    elif packed:
+        bins = _first_fit(lengths, max_seq_len)
     else:
-        inputs = {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
-                  "attention_mask": pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)}
-        targets, index = pad_sequence(targets, batch_first=True), pad_sequence(index, batch_first=True)
-    return GroupBatch(inputs=inputs, targets=targets, seq_index=index,
+        bins = [[i] for i in range(len(segments))]
+    width = max((sum(lengths[i] for i in row) for row in bins), default=1)
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    pos = torch.zeros(len(bins), width, dtype=torch.long)
+    block = torch.zeros(len(bins), width, dtype=torch.long)  # the segment (1...) a token is in, 0: padding
+    branch = torch.zeros(len(bins), width, dtype=torch.long)
+    logit_index, labels, label_seq = [], [], []
+    for r, row in enumerate(bins):
+        at = 0
+        for i in row:
+            n, part = lengths[i], parts[i]
+            ids[r, at:at + n], pos[r, at:at + n], branch[r, at:at + n] = part["ids"], part["pos"], part["branch"]
+            block[r, at:at + n] = i + 1
+            logit_index.append(part["logit"] + r * width + at)
+            labels.append(part["labels"])
+            label_seq.append(part["seq"])
+            at += n
+        pos[r, at:] = torch.arange(width - at)  # the padding closing a packed row is a block of its own
+    if shared_prefix:
+        inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": _shared_prefix_mask(block, branch)}
+    elif packed:
+        inputs = {"input_ids": ids, "position_ids": pos}
+    else:
+        inputs = {"input_ids": ids, "attention_mask": (block > 0).long()}
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+    return GroupBatch(inputs=inputs, logit_index=cat(logit_index), labels=cat(labels), label_seq=cat(label_seq),
                       seq_group=torch.tensor(seq_group, dtype=torch.long),
                       seq_slot=torch.tensor(seq_slot, dtype=torch.long), cot_tokens=cot_tokens,
                       ref_tokens=ref_tokens, mask=mask, positive=positive, ranks=ranks, process=process,
-                      ref_logp=ref_logp, num_truncated=num_truncated)
+                      ref_logp=ref_logp, num_truncated=num_truncated, forward_tokens=sum(lengths),
+                      sequence_tokens=sequence_tokens)
+
+
+def _shared_prefix_mask(block: Tensor, branch: Tensor) -> Tensor:
+    """[B, 1, T, T] bool, True where query i may attend to key j: the same segment, j <= i, and j in the
+    prompt or in i's own COT. A padding token attends to itself only (a row of no keys would give NaN)."""
+    t = block.shape[1]
+    same = block[:, :, None] == block[:, None, :]
+    own_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    allowed = same & own_branch & causal & (block[:, None, :] > 0)
+    allowed |= torch.eye(t, dtype=torch.bool) & (block == 0)[:, :, None]
+    return allowed[:, None]
+
+
+def takes_custom_masks(model) -> bool:
+    """Whether the model's attention kernel takes the shared-prefix layout's 4D mask: sdpa and eager do;
+    flash-attention (varlen boundaries only) and flex (block masks) do not."""
+    return str(getattr(model.config, "_attn_implementation", "sdpa")) in ("sdpa", "eager")
 
 
 def _model_inputs(model, batch: GroupBatch) -> dict[str, Tensor]:
     """flash-attention reads packed sequences from the position ids of a single row only (transformers
-    `_is_packed_sequence`), so it gets the packed rows flattened into one; the other kernels get the rows."""
-    flash = "flash" in str(getattr(model.config, "_attn_implementation", ""))
-    if flash and "position_ids" in batch.inputs:
-        return {k: v.reshape(1, -1) for k, v in batch.inputs.items()}
-    return batch.inputs
+    `_is_packed_sequence`), so it gets the packed rows flattened into one; eager attention adds its mask to the
+    scores, so a 4D mask goes in as 0 / -inf there; the other kernels get the rows as they are."""
+    inputs = batch.inputs
+    attn = str(getattr(model.config, "_attn_implementation", ""))
+    if "flash" in attn and "position_ids" in inputs:
+        return {k: v.reshape(1, -1) for k, v in inputs.items()}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 4 and attn == "eager":
+        dtype = next(model.parameters()).dtype
+        return {**inputs, "attention_mask": torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min)}
+    return inputs
 
 
 def token_logps(model, batch: GroupBatch) -> tuple[Tensor, Tensor]:
     """log p of every scored COT token (fp32), in sequence order, and the sequence each belongs to."""
     # use_cache=False also matters for packing: with a cache transformers skips the packed-sequence detection
-    logits = model(**_model_inputs(model, batch), use_cache=False).logits.view(*batch.targets.shape, -1)
-    targets = batch.targets[:, 1:]  # token t is predicted by the logits at t - 1
-    logits = logits[:, :-1][targets].float()  # COT positions only, and the log-softmax in fp32 under bf16
-    labels = batch.inputs["input_ids"][:, 1:][targets]
-    token_logp = logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    return token_logp, batch.seq_index[:, 1:][targets]
+    logits = model(**_model_inputs(model, batch), use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1])[batch.logit_index].float()  # the log-softmax in fp32 under bf16
+    token_logp = logits.gather(-1, batch.labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return token_logp, batch.label_seq
 
 
 def sequence_logps(model, batch: GroupBatch) -> Tensor:
@@ -171,14 +257,15 @@ def sequence_logps(model, batch: GroupBatch) -> Tensor:
 
 
 @torch.no_grad()
-def logp_drift(model, rows: list[dict], max_seq_len: int, pad_id: int, device) -> list[float]:
+def logp_drift(model, rows: list[dict], max_seq_len: int, pad_id: int, device, shared_prefix: bool = False
+               ) -> list[float]:
     """|trainer log-prob − sampler log-prob| of every token of the rows' sampled COTs, under the current
     weights (docs/method.md §Sampler–trainer log-prob drift). COTs or prompts cut to max_seq_len are left out:
     their context differs from the sampler's."""
     rows = [r for r in rows if len(r.get("sample_token_logp", ()))]  # rows of older runs have none
     if not rows:
         return []
-    batch = collate_groups(rows, max_seq_len, with_ref=False, pad_id=pad_id).to(device)
+    batch = collate_groups(rows, max_seq_len, with_ref=False, pad_id=pad_id, shared_prefix=shared_prefix).to(device)
     if not len(batch.seq_group):  # groups whose COTs were all empty
         return []
     token_logp, seq = token_logps(model, batch)

@@ -44,17 +44,18 @@ import torch.distributed as dist
 
 from aftray.cluster import free_port
 from aftray.config import LossConfig, TrainConfig
+from aftray.logs import worker_setup
 from aftray.models import load_model, load_tokenizer
 from aftray.rows import TRAIN_COLUMNS, check_group_table, mixed_or_reference
 from aftray.train.checkpoint import checkpoint_state, full_state_dict, load_checkpoint, save_checkpoint
 from aftray.train.stage import StageJob, StageResult
-from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config
+from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config, skip_shm_comm_op
 from aftray.train.losses import OBJECTIVES, sequences_needed
-from aftray.train.scores import collate_groups, logp_drift, score_groups
+from aftray.train.scores import collate_groups, logp_drift, score_groups, takes_custom_masks
 
 log = logging.getLogger("aftray")
 # Counts (and CPU seconds of all workers' processes); the rest are means.
-SUMMED = ("groups", "groups_no_pairs", "groups_with_both", "tokens", "truncated", "cpu_s")
+SUMMED = ("groups", "groups_no_pairs", "groups_with_both", "tokens", "forward_tokens", "truncated", "cpu_s")
 WEIGHTED_BY = {"pair_acc": "groups_with_both"}  # means over groups, pair accuracy over groups that have pairs
 
 
@@ -88,9 +89,12 @@ def serve(config: dict) -> None:
     import ray  # Ray workers only: the path without Ray (`train_stage_local`, torchrun) never imports it
     import ray.train
 
+    worker_setup()  # again: Ray Train re-configured this process's root logger when it started the worker
     if os.environ.get("AFTRAY_WORKER_SETUP"):
         runpy.run_path(os.environ["AFTRAY_WORKER_SETUP"])
     device = init_distributed(config["cpus_per_worker"], on_ray=True)
+    import deepspeed  # noqa: F401  seconds, paid here while the driver is still busy before its first stage
+
     inbox = config["inbox"]
     resume = ray.train.get_checkpoint()  # the latest checkpoint of this run (any stage); None on a fresh start
     index = ray.get(inbox.first_unfinished.remote())
@@ -123,6 +127,7 @@ def build_engine(model, train: TrainConfig, accum: int, world: int, device: torc
     offload = on_gpu and train.offload_optimizer  # then DeepSpeed's CPU Adam steps on the host
     optimizer = None if offload else torch.optim.AdamW(
         model.parameters(), lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay, fused=on_gpu)
+    skip_shm_comm_op()  # nothing here uses it, and it is a C++ compile
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=model.parameters(),
                                       config=deepspeed_config(train, accum, world, offload))
     return engine
@@ -156,7 +161,8 @@ def start_policy(job: StageJob, accum: int, device: torch.device, policy: Policy
     if state and (state["stage"] == job.name or (job.init == "continue" and state["stage"] == job.after)):
         with resume.as_directory() as path:  # model and optimizer as the checkpoint left them
             tokenizer = load_tokenizer(path, job.trust_remote_code)
-            model = load_model(path, job.train.dtype, job.trust_remote_code, job.train.gradient_checkpointing)
+            model = load_model(path, weights_dtype(job.train), job.trust_remote_code,
+                               job.train.gradient_checkpointing)
             engine = build_engine(model, job.train, accum, world, device)
             load_checkpoint(engine, Path(path))
         own = state if state["stage"] == job.name else None
@@ -166,9 +172,18 @@ def start_policy(job: StageJob, accum: int, device: torch.device, policy: Policy
                            f"does not hold and no checkpoint has (latest: {state.get('stage')!r}); the run "
                            "resumes from its last checkpointed round")
     tokenizer = load_tokenizer(job.model_path, job.trust_remote_code)
-    model = load_model(job.model_path, job.train.dtype, job.trust_remote_code,
+    model = load_model(job.model_path, weights_dtype(job.train), job.trust_remote_code,
                        job.train.gradient_checkpointing)
     return Policy(build_engine(model, job.train, accum, world, device), tokenizer, job.name, accum), None, "loaded"
+
+
+def weights_dtype(train: TrainConfig) -> str:
+    return "fp32" if train.dtype == "amp_bf16" else train.dtype
+
+
+def autocast(train: TrainConfig, device: torch.device):
+    """The forward passes' precision context: bf16 matmuls under `train.dtype: amp_bf16`, else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.dtype == "amp_bf16")
 
 
 def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy | None = None,
@@ -213,8 +228,10 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
         step, history, restarts = restored["step"], restored["history"], restored["restarts"] + [restored["step"]]
     lap("resume_s")
 
-    drift = first_step_drift(engine, groups, per_step, accum, job, tokenizer.pad_token_id, device) if step == 0 \
-        else {}
+    shared = train.shared_prefix and takes_custom_masks(engine.module)  # else the unshared layouts
+    with autocast(train, device):  # the drift the training forward passes see
+        drift = first_step_drift(engine, groups, per_step, accum, job, tokenizer.pad_token_id, device, shared) \
+            if step == 0 else {}
     lap("drift_s")
     objective = OBJECTIVES[loss_cfg.name]
     with_ref, with_samples = sequences_needed(loss_cfg)
@@ -229,14 +246,17 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
         for i in range(accum):
             rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
             batch = collate_groups(rows, train.max_seq_len, train.packing, with_ref, with_samples,
-                                   tokenizer.pad_token_id).to(device)
-            loss, metrics = objective(loss_cfg, score_groups(engine, batch))
+                                   tokenizer.pad_token_id, shared).to(device)
+            with autocast(train, device):
+                loss, metrics = objective(loss_cfg, score_groups(engine, batch))
             engine.backward(loss * len(rows) * accum / len(mine))  # DeepSpeed divides by accum
             if i == accum - 1 and engine.zero_optimization_stage() == 0:  # where DeepSpeed drops the norm
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                 module_norm = torch.nn.utils.get_total_norm(grads) if grads else None
             engine.step()  # the optimizer steps (and clips) on the last micro-batch only
-            parts.append({**metrics, "tokens": num_tokens(batch), "truncated": batch.num_truncated})
+            # tokens: as a layout without sharing counts them (comparable across layouts); forward_tokens: run
+            parts.append({**metrics, "tokens": batch.sequence_tokens, "forward_tokens": batch.forward_tokens,
+                          "truncated": batch.num_truncated})
         step += 1
         cpu_s, cpu_mark = time.process_time() - cpu_mark, time.process_time()  # since the last step's end
         grad_norm = engine.get_global_grad_norm()
@@ -334,7 +354,7 @@ def push_weights(engine) -> list | None:
 
 
 def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job: StageJob, pad_id: int,
-                     device: torch.device) -> dict:
+                     device: torch.device, shared_prefix: bool) -> dict:
     """Sampler↔trainer log-prob drift before any update, on the first step's worth of the stage's rows that carry
     sampled COTs (under dynamic sampling some rows train their reference COT alone): {"mean", "max", "tokens"}
     over all ranks, or {} when no row has any (a VFT stage)."""
@@ -346,7 +366,7 @@ def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job:
     diffs = []
     for i in range(accum):  # the training step's micro-batches: same count on every rank (ZeRO-3 gathers)
         rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
-        diffs += logp_drift(engine, rows, job.train.max_seq_len, pad_id, device)
+        diffs += logp_drift(engine, rows, job.train.max_seq_len, pad_id, device, shared_prefix)
     parts = [None] * world
     dist.all_gather_object(parts, (sum(diffs), len(diffs), max(diffs, default=0.0)))
     tokens = sum(n for _, n, _ in parts)
@@ -420,12 +440,6 @@ def lr_at(step: int, total_steps: int, train: TrainConfig) -> float:
     progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - 1 - train.warmup_steps))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if train.lr_schedule == "cosine" else 1 - progress
     return train.lr * (train.min_lr_ratio + (1 - train.min_lr_ratio) * decay)
-
-
-def num_tokens(batch) -> int:
-    """Tokens the forward pass ran over (padding excluded)."""
-    mask = batch.inputs.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch.inputs["input_ids"].numel()
 
 
 def reduce_metrics(parts: list[dict], device: torch.device) -> dict:
