@@ -89,14 +89,17 @@ def check_bf16_scores(c):
     model, batch, packed = load_model(c.path).to(c.dev).eval(), batch_of(c), batch_of(c, packed=True)
     with torch.no_grad():
         (t32, s32), (p32, sp) = token_logps(model, batch), token_logps(model, packed)
+        shared = sequence_logps(model, batch_of(c, shared_prefix=True))  # the 4D-mask layout on this device
         with torch.autocast(c.dev.type, dtype=torch.bfloat16):
             t16, _ = token_logps(model, batch)
+        shared_diff = (shared - sequence_logps(model, batch)).abs().max().item()
     diff = (t16 - t32).abs()
     packed_diff = (p32[sp.argsort(stable=True)] - t32[s32.argsort(stable=True)]).abs().max().item()
     need(diff.mean() < TOL, f"bf16 log-probs off by {diff.mean():.4f} nats/token on average")
     need(packed_diff < 1e-3, f"packed vs padded fp32 log-probs differ by {packed_diff:.1e}")
+    need(shared_diff < 1e-3, f"shared-prefix vs padded fp32 sequence scores differ by {shared_diff:.1e}")
     return (f"{len(t32)} tokens, |bf16-fp32| log-prob mean {diff.mean():.4f} max {diff.max():.4f}; "
-            f"|packed-padded| fp32 max {packed_diff:.1e}")
+            f"|packed-padded| fp32 max {packed_diff:.1e}; |shared-padded| fp32 max {shared_diff:.1e}")
 
 
 def check_bf16_losses(c):

@@ -183,7 +183,7 @@ def test_hf_engine_weights_in_place(tiny_model_path, tiny_rows, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- Ray pool
-# every pool test runs on both engines; vLLM's are slow (an engine start is 40-110 s on 2 cores)
+# every pool test runs on both engines; vLLM's are slow (an engine start is ~8.5 s in-process, ~17 s in a pool)
 ENGINES = ["hf", pytest.param("vllm", marks=[pytest.mark.slow, pytest.mark.skipif(
     not importlib.util.find_spec("vllm"), reason="vLLM is not installed")])]
 
@@ -224,6 +224,22 @@ def test_pool_groups(tiny_pool, tiny_rows, task):
     assert {i: g["cot_ids"] for i, g in rotated.items()} == {i: g["cot_ids"] for i, g in groups.items()}
     later = groups_by_id(tiny_pool, tiny_rows, 2, task.answer_kind)
     assert all(later[i]["cot_ids"] != g["cot_ids"] for i, g in groups.items())
+
+
+def test_assessment_rescores_only_cots_of_other_weights(tiny_pool, tiny_rows, task, tmp_path):
+    """The evaluator's candidate scores: a COT's sampling log-prob under the weights that drew it, the pool's
+    scoring under any other (the same numbers, up to the engines' drift)."""
+    from aftray.config import Config
+    from aftray.loop.evaluate import Evaluator
+    from aftray.run.rundir import RunDir
+
+    groups = list(groups_by_id(tiny_pool, tiny_rows[:3], 1, task.answer_kind).values())
+    evaluator = Evaluator(Config(), tiny_pool, task.answer_kind, tiny_rows, RunDir(tmp_path))
+    zeros = [{**g, "sample_logp": [0.0] * len(g["cot_ids"])} for g in groups]  # marks what was not scored
+    assert evaluator.summed_logps(zeros) == [z["sample_logp"] for z in zeros]
+    older = [{**z, "weights_version": z["weights_version"] - 1} for z in zeros]
+    assert [x for r in evaluator.summed_logps(older) for x in r] == pytest.approx(
+        [x for g in groups for x in g["sample_logp"]], abs=1e-3)
 
 
 def test_pool_monte_carlo_continuations(tiny_pool, tiny_rows, task):

@@ -260,7 +260,8 @@ def test_shared_prefix_scores_equal_unshared(attn):
     assert b.sequence_tokens == a.sequence_tokens
     prompts = sum(len(r["prompt_ids"]) * len(r["cot_ids"]) for r in rows)  # k + 1 copies become one
     assert b.forward_tokens == a.forward_tokens - prompts
-    assert b.inputs["attention_mask"].shape == (b.inputs["input_ids"].shape[0], 1) + (b.inputs["input_ids"].shape[1],) * 2
+    n_rows, width = b.inputs["input_ids"].shape
+    assert b.inputs["attention_mask"].shape == (n_rows, 1, width, width)
 
 
 def test_shared_prefix_attention_stays_in_its_cot(model):

@@ -14,7 +14,7 @@ from aftray.config import ModelConfig, RolloutConfig
 from aftray.models import load_model, load_tokenizer, resolve_model_path
 from aftray.rollout.engine import SamplingParams
 
-# slow: each engine start takes 40-110 s on 2 cores
+# slow: each test drives a real vLLM engine (a start is ~8.5 s in-process on 2 cores)
 needs_vllm = pytest.mark.skipif(not importlib.util.find_spec("vllm"), reason="vLLM is not installed")
 
 GREEDY = SamplingParams(n=1, temperature=0, max_new_tokens=24)

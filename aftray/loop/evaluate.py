@@ -10,6 +10,7 @@ and maj@k from their own rollout.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import ray
@@ -49,6 +50,19 @@ class Evaluator:
             tmp.rename(self.candidates_path)
         return read_parquet_rows(self.candidates_path)
 
+    def summed_logps(self, candidates: list[dict]) -> list[list[float]]:
+        """Summed log-prob of every candidate COT under the current weights. Under the weights that sampled it,
+        that is its sampling log-prob (T = 1, summed; the drift check bounds the difference at ~1e-5 nats a
+        token), so only COTs drawn by other weights are scored again: round 0 skips a scoring pass (~30 s of
+        its ~2 min on 2 cores)."""
+        fresh = [row["weights_version"] == self.pool.version and all(map(math.isfinite, row["sample_logp"]))
+                 for row in candidates]
+        stale = [row for row, f in zip(candidates, fresh, strict=True) if not f]
+        scored = iter(self.pool.score([row["prompt_ids"] for row in stale for _ in row["cot_ids"]],
+                                      [ids for row in stale for ids in row["cot_ids"]]))
+        return [list(row["sample_logp"]) if f else [next(scored) for _ in row["cot_ids"]]
+                for row, f in zip(candidates, fresh, strict=True)]
+
     def evaluate(self, r: int) -> dict:
         start = time.perf_counter()
         accuracy = self.greedy_accuracy(r)
@@ -57,11 +71,8 @@ class Evaluator:
                    "accuracy_se": binomial_se(accuracy, len(self.eval_rows))}
         if self.eval_rows:
             candidates = self.candidates()
-            # summed log-prob of every candidate COT under the current weights, token-averaged per group
-            summed = iter(self.pool.score([row["prompt_ids"] for row in candidates for _ in row["cot_ids"]],
-                                          [ids for row in candidates for ids in row["cot_ids"]]))
-            for row in candidates:
-                row["scores"] = [next(summed) / max(len(ids), 1) for ids in row["cot_ids"]]
+            for row, summed in zip(candidates, self.summed_logps(candidates), strict=True):
+                row["scores"] = [s / max(len(ids), 1) for s, ids in zip(summed, row["cot_ids"], strict=True)]
             held_out = sample_metrics(candidates, self.cfg.rollout.k)
             keys = ["assessment_accuracy", "mean_score_pos", "mean_score_neg", "score_gap", "min_score_neg",
                     "num_mixed_groups"]

@@ -40,13 +40,14 @@ def _verify_batch(batch: pa.Table, router, round: int, cfg: VerifyConfig, answer
 def sample_groups(pool: RolloutPool, questions: ray.data.Dataset, round: int, cfg: VerifyConfig,
                   answer_kind: str, params: SamplingParams | None = None, batch_size: int | None = None
                   ) -> ray.data.Dataset:
-    """Group rows for question rows, lazily (see `RolloutPool.sample`, which takes `batch_size`). verify.process="mc"
-    samples its step continuations with the pool's engines."""
+    """Group rows for question rows, lazily (see `RolloutPool.sample`, which takes `batch_size`).
+    verify.process="mc" samples its step continuations with the pool's engines."""
     params = params or SamplingParams.from_config(pool.cfg)
     continuations = pool.continuations(round, params) if cfg.process == "mc" else None
-    return pool.sample(questions, round, params, batch_size).map_batches(_verify_batch, batch_format="pyarrow", fn_kwargs={
-        "router": pool.router, "round": round, "cfg": cfg, "answer_kind": answer_kind,
-        "continuations": continuations})
+    return pool.sample(questions, round, params, batch_size).map_batches(
+        _verify_batch, batch_format="pyarrow", fn_kwargs={
+            "router": pool.router, "round": round, "cfg": cfg, "answer_kind": answer_kind,
+            "continuations": continuations})
 
 
 def sample_round(pool: RolloutPool, questions: list[dict], first: int, min_mixed: int, out: Path, round: int,

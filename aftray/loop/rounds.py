@@ -188,7 +188,7 @@ class Run:
                 "train_loss": result.metrics["train_loss"],
                 "train_steps": result.metrics["steps"], "train_tokens_per_s": result.metrics["tokens_per_s"],
                 **{f"train_{k}": v for k, v in result.history[-1].items()
-                   if k in ("pair_acc", "s_pos", "s_neg", "alignment", "constraint", "vft")},
+                   if k in ("pair_acc", "s_pos", "s_neg", "s_neg_min", "alignment", "constraint", "vft")},
                 # sampler vs trainer log-probs of the round's COTs before the first update (per token)
                 **{f"train_logp_drift_{k}": v for k, v in result.metrics.get("logp_drift", {}).items()},
                 # the stage's own set-up on rank 0 (start_s: request to start; the workers' start-up on a run's

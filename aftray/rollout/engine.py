@@ -3,8 +3,9 @@
 An engine holds one copy of the policy weights and samples COTs for token-id prompts. The rollout pool
 (`pool.py`, which also builds them: `make_engine`) wraps each engine in a long-lived Ray actor; benchmarks and
 tests also call engines in-process.
-Two engines implement it: `hf` (transformers `generate`; CPU default, GPU fallback) and `vllm` (GPU; imported
-only when asked for, so `import aftray.rollout` works without vLLM installed).
+Two engines implement it: `vllm` (its CUDA build on GPUs, its CPU build on CPUs: the presets' default; imported
+only when asked for, so `import aftray.rollout` works without vLLM installed) and `hf` (transformers
+`generate`: the fallback where vLLM is not installed, and the tiny test models).
 """
 from __future__ import annotations
 

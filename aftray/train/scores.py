@@ -109,8 +109,8 @@ class _Segment:
             seqs += [seq] * (len(cot) - first)
             start += len(cot)
         flat = lambda parts: torch.tensor([x for part in parts for x in part], dtype=torch.long)  # noqa: E731
-        return {"ids": flat(ids), "pos": flat(pos), "branch": flat(branch), "logit": torch.tensor(logit),
-                "labels": torch.tensor(labels, dtype=torch.long), "seq": torch.tensor(seqs, dtype=torch.long)}
+        return {"ids": flat(ids), "pos": flat(pos), "branch": flat(branch), "logit": flat([logit]),
+                "labels": flat([labels]), "seq": flat([seqs])}
 
 
 def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, with_ref: bool = True,
