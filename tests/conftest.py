@@ -12,6 +12,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--loss-off", action="store_true",
+                     help="switch the loss's gradient off in every Ray worker (tests/loss_off.py): the learning "
+                          "tests must then fail")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     from aftray.tasks.base import default_data_dir
@@ -31,13 +37,14 @@ def _ray_shutdown_at_exit():
 
 
 @pytest.fixture(scope="module")
-def ray_local(_ray_shutdown_at_exit):
+def ray_local(_ray_shutdown_at_exit, request):
     """A local Ray with more logical CPUs than cores, so Ray Data tasks are not starved by long-lived actors.
     Started once and shared; started again for a module if a test (a multi-node one) shut it down."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        hook = {"worker_process_setup_hook": "loss_off.install"} if request.config.getoption("--loss-off") else {}
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=hook)
     return ray
 
 

@@ -21,8 +21,8 @@ def run_preset(tmp_path, preset: str, *overrides) -> tuple[dict, Path]:
     run_loop(cfg)
     summary = read_summary(cfg.run_dir / "summary.json")
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
-    for rec in summary["rounds"]:
-        assert set(ROUND_KEYS) <= set(rec) and 0.0 <= rec["accuracy"] <= 1.0
+    for rec in summary["rounds"]:  # rounds that loop.eval_every skips have no accuracy
+        assert set(ROUND_KEYS) <= set(rec) and (rec["accuracy"] is None or 0.0 <= rec["accuracy"] <= 1.0)
     for r in (1, 2):
         rec = summary["rounds"][r]
         assert rec["num_samples"] > 0 and rec["rollout_tokens_per_s"] > 0 and rec["train_loss"] == rec["train_loss"]
@@ -52,22 +52,26 @@ def test_arith_cpu_on_vllm(tmp_path, ray_local):
 
 
 def test_gsm8k_cpu_on_vllm(tmp_path, ray_local):
-    """The `make run` preset cut down (the pipeline, not the gain): SmolLM2, dynamic sampling, eval, plots."""
-    summary, run_dir = run_preset(tmp_path, "gsm8k_cpu.yaml", "run_name=gsm8k_vllm", "loop.eval_questions=8",
-                                  "loop.assessment_questions=4", "loop.questions_per_round=4",
-                                  "loop.min_mixed_groups=2", "train.steps_per_stage=1",
-                                  "train.questions_per_step=2", "rollout.max_new_tokens=48")
+    """The `make run` preset cut down: SmolLM2, dynamic sampling, 2 rounds of 2-4 steps, eval after the last
+    round on 64 held-out questions, plots; and it learns."""
+    summary, run_dir = run_preset(tmp_path, "gsm8k_cpu.yaml", "run_name=gsm8k_vllm", "loop.eval_questions=64",
+                                  "loop.eval_every=2", "loop.assessment_questions=8", "loop.questions_per_round=8",
+                                  "loop.min_mixed_groups=2", "loop.max_oversample=2")
     assert summary["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     for r in (1, 2):
         rec = summary["rounds"][r]
         # the drift is measured on the sampled COTs the stage trains: under dynamic sampling those of mixed groups
-        # (measured 3.8e-6 mean per token in round 2; round 1 had no mixed group, so no sampled COT to train)
         assert ("train_logp_drift_mean" in rec) == (rec["rollout_num_mixed_groups"] > 0)
         assert rec.get("train_logp_drift_mean", 0.0) < 1e-3
-        assert rec["num_eval_questions"] == 8 and rec["accuracy_se"] >= 0
-        assert 4 <= rec["num_questions"] <= 8  # dynamic sampling: up to max_oversample x questions_per_round
+        assert 8 <= rec["num_questions"] <= 16  # dynamic sampling: up to max_oversample x questions_per_round
         assert 0 <= rec["rollout_mixed_fraction"] <= 1
     assert any(summary["rounds"][r]["rollout_num_mixed_groups"] for r in (1, 2))
     assert (run_dir / "rounds" / "2" / "checkpoint" / "model.safetensors").is_file()
     assert {p.name for p in (run_dir / "plots").glob("*.png")} == {"accuracy.png", "scores.png",
                                                                    "phase_times.png", "logp_drift.png"}
+    # it learns: 9.4 % -> 31.2 / 21.9 / 28.1 % on seeds 0 / 1 / 2 (the same settings through jobs/aft_gsm8k.py,
+    # gains of 8-14 questions of 64, SE ~5 points); the test asks for 4 questions more than round 0.
+    # `pytest --loss-off` (no gradient) keeps round 0's weights and fails here
+    first, last = summary["rounds"][0], summary["rounds"][2]
+    assert last["num_eval_questions"] == first["num_eval_questions"] == 64
+    assert last["accuracy"] - first["accuracy"] >= 4 / 64, (first["accuracy"], last["accuracy"])
