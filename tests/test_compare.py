@@ -183,7 +183,8 @@ def test_results_page_prints_the_declaration_first(tmp_path):
     declaration = _declaration(tmp_path, ["aft_bc - vft_continued", "aft_bc - start"])
     update_results_page({**result, **aggregate(THREE_SEEDS, 1, declaration=declaration)}, out, page, "cmd")
     section = _between(page.read_text(), None)
-    assert section.startswith(f"\nDeclaration `{declaration.path}` (experiment `e1`, sha256 {declaration.sha256[:12]})")
+    first = f"\nDeclaration `{declaration.path}` (experiment `e1`, sha256 {declaration.sha256[:12]}), fixed before"
+    assert section.startswith(first)
     assert f"```yaml\n{declaration.text}```" in section and "| aft_bc - start | seeds |" in section
     assert section.index("```yaml") < section.index("Command: `cmd`") < section.index("| contrast |")
 
@@ -253,7 +254,8 @@ def test_reduced_comparison_end_to_end(tmp_path):
     import mlflow
 
     arms = ["vft_continued", "aft_bc"]
-    result = run_comparison(PRESET, arms, [0], tmp_path / "cmp", SMALL + ["loop.rounds=1"])
+    declaration = _declaration(tmp_path, ["aft_bc - vft_continued", "aft_bc - start"])
+    result = run_comparison(PRESET, arms, [0], tmp_path / "cmp", SMALL + ["loop.rounds=1"], declaration=declaration)
     out = tmp_path / "cmp"
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["arms"].keys() == set(arms) and saved["seeds"] == [0] and saved["runs_time_s"] > 0
@@ -267,6 +269,14 @@ def test_reduced_comparison_end_to_end(tmp_path):
     assert first["num_questions"] == second["num_questions"] and first["train_steps"] == second["train_steps"]
     assert summaries["aft_bc"]["loss"] == "aft_bc" and summaries["vft_continued"]["loss"] == "vft"
     assert result["arms"]["aft_bc"]["final"]["accuracy"]["mean"] == second["accuracy"]
+    # every run records its experiment; one seed gives no test, so nothing is resolved
+    base = json.loads((out / "base_s0" / "summary.json").read_text())
+    assert all(s["experiment"] == declaration.record() for s in [base, *summaries.values()])
+    assert list(saved["contrasts"]) == ["aft_bc - vft_continued", "aft_bc - start"]
+    assert not any(c["resolved"] for c in saved["contrasts"].values())
+    with pytest.raises(ValueError, match="refusing to pool"):  # another experiment on the same folder
+        run_comparison(PRESET, arms, [0], out, SMALL + ["loop.rounds=1"],
+                       declaration=_declaration(tmp_path, ["aft_bc - start"], name="e2"))
     assert {p.name for p in (out / "plots").iterdir()} == {"accuracy.png", "assessment.png", "scores.png"}
 
     # MLflow: one parent run, a child run per arm (and the shared base)

@@ -109,7 +109,7 @@ def _summary(experiment: str | None) -> dict:
 def test_runs_of_another_experiment_are_not_pooled(tmp_path):
     d = _declare(tmp_path, DECLARATION)
     check_pooling({"out/aft_bc_s0": _summary("e1"), "bases/base_s0": _summary("bases")}, d)  # its own; reused
-    with pytest.raises(ValueError, match=r"e.yaml: refusing to pool runs of other experiments: out/aft_bc_s1 \(e2\), "
-                                         r"out/aft_bc_s2 \(not pre-registered\);.*`reuse`"):
+    refused = r"out/aft_bc_s1 \(e2\), out/aft_bc_s2 \(not pre-registered\);.*`reuse`"
+    with pytest.raises(ValueError, match=f"e.yaml: refusing to pool runs of other experiments: {refused}"):
         check_pooling({"out/aft_bc_s0": _summary("e1"), "out/aft_bc_s1": _summary("e2"),
                        "out/aft_bc_s2": _summary(None)}, d)
