@@ -1,5 +1,14 @@
 """Compare losses on one preset over several seeds, compute-matched (see aftray/experiments/compare.py).
 
+A pre-registered experiment: its preset, overrides, arms, seeds, task seeds, contrasts, primary test and α come
+from its declaration (aftray/experiments/declaration.py), committed before the command runs; the comparison
+refuses to pool runs of another experiment that the declaration does not name under `reuse`:
+
+    python jobs/compare_losses.py --declaration configs/experiments/testbed.yaml --out runs/testbed \
+        --results-md docs/results.md
+
+Ad hoc (not pre-registered: p-values exploratory, nothing marked resolved):
+
     python jobs/compare_losses.py --config configs/arith_compare.yaml \
         --arms vft_continued,rft,aft_bc --seeds 0,1,2 --out runs/compare [key=value ...]
 
@@ -8,9 +17,9 @@ and seed. `--results-md docs/results.md` also refreshes the generated part of th
 `--results-section NAME`, its own section (markers `<!-- generated:NAME:start/end -->`, assets in
 docs/results/NAME/), so one page holds several experiments.
 
-At a power that settles it: seeds spread over several generated tasks (arith only; seed i runs on task seed
-i mod their number, each task seed with its own VFT base), and contrasts between two arms, paired by seed with
-their standard errors (every arm vs VFT-continued and aft_bc vs rft are always there; `--contrast` adds more):
+Seeds spread over several generated tasks (arith only; seed i runs on task seed i mod their number, each task
+seed with its own VFT base) add a task-level test beside the per-seed one; without a declaration the contrasts
+are every arm vs VFT-continued and vs its start, aft_bc vs rft, and `--contrast A:B` (B may be `start`):
 
     python jobs/compare_losses.py --arms vft_continued,rft,aft_bc --seeds 0,1,2,3,4,5 --task-seeds 0,1,2 \
         --contrast aft_bc:aft_dc --out runs/compare_tasks --results-md docs/results.md --results-section tasks
@@ -36,13 +45,16 @@ def int_list(text: str) -> list[int]:
 def main() -> int:
     setup_logging()  # before Ray is imported: it reads the log settings then
     from aftray.experiments.compare import ARMS, PAPER_ARMS, run_comparison
+    from aftray.experiments.declaration import load_declaration
     from aftray.experiments.report import markers, update_results_page
 
     quiet_ray_data()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/arith_compare.yaml")
-    parser.add_argument("--arms", default=",".join(PAPER_ARMS), help=f"comma list of: {', '.join(ARMS)}")
-    parser.add_argument("--seeds", type=int_list, default="0,1,2")
+    parser.add_argument("--declaration", help="the experiment's pre-registration (YAML); it sets --config, "
+                        "--arms, --seeds, --task-seeds, --contrast and the overrides")
+    parser.add_argument("--config", help="default: configs/arith_compare.yaml")
+    parser.add_argument("--arms", help=f"comma list of: {', '.join(ARMS)} (default: {','.join(PAPER_ARMS)})")
+    parser.add_argument("--seeds", type=int_list, help="default: 0,1,2")
     parser.add_argument("--task-seeds", type=int_list,
                         help="spread the seeds over these task.arith.seed values (default: the preset's task)")
     parser.add_argument("--out", default="runs/compare")
@@ -68,7 +80,23 @@ def main() -> int:
         grid[key] = values.split(",")
     contrasts = [tuple(item.split(":")) for item in args.contrast]
     if any(len(c) != 2 or not all(c) for c in contrasts):
-        parser.error(f"--contrast {args.contrast}: expected A:B, two arms")
+        parser.error(f"--contrast {args.contrast}: expected A:B, two arms (or an arm and start)")
+    declaration = None
+    if args.declaration:
+        fixed = [f"--{k.replace('_', '-')}" for k in ("config", "arms", "seeds", "task_seeds", "contrast")
+                 if getattr(args, k)] + (["key=value overrides"] if args.overrides else [])
+        if fixed:
+            parser.error(f"--declaration fixes {', '.join(fixed)}: change the declaration (a new one, if its "
+                         "runs have started) instead")
+        try:
+            declaration = load_declaration(args.declaration)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        args.config, args.arms, args.seeds = declaration.config, ",".join(declaration.arms), declaration.seeds
+        args.task_seeds, args.overrides = declaration.task_seeds, declaration.overrides
+    args.config = args.config or "configs/arith_compare.yaml"
+    args.arms = args.arms or ",".join(PAPER_ARMS)
+    args.seeds = args.seeds or [0, 1, 2]
     if args.results_section and not args.results_md:
         parser.error("--results-section needs --results-md")
     try:
@@ -78,7 +106,8 @@ def main() -> int:
     log_to_file(Path(args.out) / "compare.log")  # before Ray starts: its workers log there too
     result = run_comparison(args.config, args.arms.split(","), args.seeds, args.out, args.overrides,
                             shared_base=not args.base_per_seed, grid=grid, bases_dir=args.bases,
-                            base_seed=args.base_seed, task_seeds=args.task_seeds, contrasts=contrasts)
+                            base_seed=args.base_seed, task_seeds=args.task_seeds, contrasts=contrasts,
+                            declaration=declaration)
     if args.results_md:
         update_results_page(result, Path(args.out), Path(args.results_md), " ".join(["python", *sys.argv]),
                             args.results_section)

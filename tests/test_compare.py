@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from aftray.experiments.compare import (_tag, _versions, aggregate, markdown_table, paired_difference,
-                                        run_comparison, task_seed_of)
+from aftray.experiments.compare import _tag, _versions, aggregate, markdown_table, run_comparison, task_seed_of
+from aftray.experiments.declaration import load_declaration
 from aftray.experiments.report import END, START, markers, update_results_page
 from test_loop import PRESET, REPO, SMALL
 
@@ -45,6 +45,8 @@ def test_markdown_table_one_row_per_arm():
 THREE_SEEDS = {"vft_continued": {s: _summary([0.2, 0.30]) for s in range(3)},
                "rft": {s: _summary([0.2, a]) for s, a in enumerate((0.30, 0.31, 0.33))},
                "aft_bc": {s: _summary([0.2, a]) for s, a in enumerate((0.31, 0.32, 0.33))}}
+# the two-sided p of aft_bc - vft_continued (t = 2√3, 2 df) and of aft_bc - rft (t = 2, 2 df)
+P_VFT, P_RFT = 1 - (12 / 14) ** 0.5, 1 - (4 / 6) ** 0.5  # 0.074, 0.184
 
 
 def test_seeds_spread_over_task_seeds_in_the_order_given():
@@ -53,40 +55,81 @@ def test_seeds_spread_over_task_seeds_in_the_order_given():
     assert (_tag(1, 3), _tag(None, 3)) == ("t1_s3", "s3")  # without task seeds: the names of old run folders
 
 
-def test_paired_differences_have_standard_errors_and_contrasts():
+def test_paired_differences_have_tests_and_contrasts():
     out = aggregate(THREE_SEEDS, rounds=1, contrasts=[("rft", "aft_bc"), ("aft_bc", "rft")])
     delta = out["arms"]["aft_bc"]["delta_accuracy_vs_vft_continued"]
     assert (delta["mean"], delta["std"], delta["se"], delta["n"]) == pytest.approx((0.02, 0.01, 0.01 / 3 ** 0.5, 3))
-    # every arm vs the control, the default aft_bc vs rft, then the asked one; aft_bc vs rft only once
-    assert list(out["contrasts"]) == ["rft - vft_continued", "aft_bc - vft_continued", "aft_bc - rft", "rft - aft_bc"]
-    assert out["contrasts"]["aft_bc - vft_continued"] == delta
-    bc_rft = out["contrasts"]["aft_bc - rft"]
-    assert (bc_rft["mean"], bc_rft["se"], bc_rft["ratio"]) == pytest.approx((0.02 / 3, 0.01 / 3, 2.0))
-    assert not bc_rft["resolved"] and delta["resolved"]  # 2 SE; 2 * sqrt(3) = 3.46 SE
-    assert out["contrasts"]["rft - aft_bc"]["mean"] == pytest.approx(-0.02 / 3)
+    # t = 0.02 / (0.01 / √3) = 2√3 with 2 df: two-sided p = 1 - t / √(t² + 2)
+    assert (delta["t"], delta["p"]) == pytest.approx((12 ** 0.5, P_VFT))
+    assert out["arms"]["aft_bc"]["delta_accuracy_vs_start"]["mean"] == pytest.approx(0.12)  # round 0: 20 %
+    # no declaration: every arm vs the control, every arm vs its start, aft_bc vs rft, then the asked one; once each
+    assert list(out["contrasts"]) == ["rft - vft_continued", "aft_bc - vft_continued", "vft_continued - start",
+                                      "rft - start", "aft_bc - start", "aft_bc - rft", "rft - aft_bc"]
+    seed_test = out["contrasts"]["aft_bc - vft_continued"]["seed"]
+    assert {k: seed_test[k] for k in delta} == delta and "task" not in out["contrasts"]["aft_bc - vft_continued"]
+    assert out["contrasts"]["aft_bc - start"]["seed"]["mean"] == pytest.approx(0.12)
+    assert out["contrasts"]["vft_continued - start"]["seed"]["p"] is None  # +10 points on every seed: no SE
+    assert all(c["resolved"] is None for c in out["contrasts"].values())  # not pre-registered: nothing decided
+    assert out["contrasts"]["rft - aft_bc"]["seed"]["mean"] == pytest.approx(-0.02 / 3)
 
 
-@pytest.mark.parametrize("ratio, resolved", [(2.99, False), (3.01, True)])
-def test_resolved_flips_at_three_standard_errors(ratio, resolved):
-    mean = ratio * 0.01 / 3 ** 0.5  # differences mean - 0.01, mean, mean + 0.01: std 0.01, SE 0.01 / sqrt(3)
-    diff = paired_difference([mean - 0.01, mean, mean + 0.01])
-    assert diff["ratio"] == pytest.approx(ratio) and diff["resolved"] is resolved
-    assert paired_difference([-mean - 0.01, -mean, -mean + 0.01])["resolved"] is resolved  # either sign
+def _declaration(tmp_path, contrasts: list[str], alpha: float = 0.05, primary: str = "seed",
+                 task_seeds: list[int] | None = None, name: str = "e1"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nquestion: q\nconfig: {PRESET}\narms: [vft_continued, rft, aft_bc]\n"
+                    f"seeds: [0, 1, 2]\ntask_seeds: {task_seeds}\ncontrasts: {contrasts}\nprimary: {primary}\n"
+                    f"alpha: {alpha}\n".replace("None", "null"))
+    return load_declaration(path)
 
 
-def test_no_standard_error_means_no_ratio():
-    for diffs in ([0.05], [0.02, 0.02]):  # one seed; identical differences
-        assert paired_difference(diffs)["ratio"] is None and not paired_difference(diffs)["resolved"]
+@pytest.mark.parametrize("contrasts, alpha, holm_p, resolved", [
+    (["aft_bc - vft_continued"], 0.1, [P_VFT], [True]),  # alone: no correction
+    (["aft_bc - vft_continued", "aft_bc - rft"], 0.1, [2 * P_VFT, P_RFT], [False, False]),  # 0.148 and 0.184
+    (["aft_bc - vft_continued", "aft_bc - rft"], 0.15, [2 * P_VFT, P_RFT], [True, False]),
+    (["aft_bc - vft_continued", "aft_bc - rft"], 0.2, [2 * P_VFT, P_RFT], [True, True]),
+])
+def test_a_declared_contrast_is_resolved_when_its_holm_p_is_below_alpha(tmp_path, contrasts, alpha, holm_p,
+                                                                          resolved):
+    out = aggregate(THREE_SEEDS, 1, declaration=_declaration(tmp_path, contrasts, alpha))
+    assert list(out["contrasts"]) == contrasts  # the declared family, nothing else
+    assert [c["seed"]["holm_p"] for c in out["contrasts"].values()] == pytest.approx(holm_p)
+    assert [c["resolved"] for c in out["contrasts"].values()] == resolved
 
 
-def test_markdown_has_the_contrast_table():
-    result = {**aggregate(THREE_SEEDS, rounds=1), "seeds": [0, 1, 2], "task_seeds": [0, 1, 2]}
+def test_task_seeds_add_a_task_level_test(tmp_path):
+    # seeds 0 and 2 on task 0, seed 1 on task 1; aft_bc - rft per seed: +1, +1, 0 -> task means +0.5, +1
+    task_of = {0: 0, 1: 1, 2: 0}
+    declaration = _declaration(tmp_path, ["aft_bc - rft", "aft_bc - start"], primary="task", task_seeds=[0, 1])
+    out = aggregate(THREE_SEEDS, 1, task_of=task_of, declaration=declaration)
+    by_task = out["contrasts"]["aft_bc - rft"]["task"]
+    assert by_task["task_means"] == pytest.approx({0: 0.005, 1: 0.01}) and (by_task["n"], by_task["df"]) == (2, 1)
+    assert by_task["mean"] == pytest.approx(0.0075) and out["contrasts"]["aft_bc - rft"]["seed"]["n"] == 3
+    # t = 0.0075 / (0.0035 / √2) = 3 with 1 df: two-sided p = 1 - (2/π) atan(t); aft_bc - start has task means
+    # 12 and 12 points, no SE, so it counts as p = 1 and Holm doubles this p
+    p = 1 - 2 / math.pi * math.atan(3)
+    assert (by_task["t"], by_task["p"], by_task["holm_p"]) == pytest.approx((3, p, 2 * p))
+    assert out["contrasts"]["aft_bc - start"]["task"]["p"] is None
+    assert [c["resolved"] for c in out["contrasts"].values()] == [False, False]
+    text = markdown_table({**out, "seeds": [0, 1, 2], "task_seeds": [0, 1]})
+    assert "| aft_bc - rft | seeds | +0.7 ± 0.3 |" in text and "| aft_bc - rft | tasks | +0.8 ± 0.3 |" in text
+    assert "unit `tasks`: each task seed's differences averaged" in text and "(unit tasks)" in text
+
+
+def test_markdown_has_the_contrast_table(tmp_path):
+    result = {**aggregate(THREE_SEEDS, rounds=1), "seeds": [0, 1, 2], "task_seeds": None}
     text = markdown_table(result)
-    assert "over 3 seeds (0, 1, 2) on task seeds 0, 1, 2" in text and "mean ± standard error" in text
-    assert "| aft_bc | 32.0 ± 1.0 | 2.0 ± 0.6 |" in text  # Δ ± SE
-    assert "| contrast | Δ accuracy (points) | SE | Δ/SE | seeds | resolved (≥ 3 SE) |" in text
-    assert "| aft_bc - vft_continued | +2.0 | 0.6 | 3.5 | 3 | yes |" in text
-    assert "| aft_bc - rft | +0.7 | 0.3 | 2.0 | 3 | no |" in text
+    assert "over 3 seeds (0, 1, 2); accuracy in %" in text and "mean ± standard error" in text
+    assert "| aft_bc | 32.0 ± 1.0 | 2.0 ± 0.6 | 12.0 ± 0.6 |" in text  # Δ vs VFT-continued, Δ vs start (± SE)
+    assert "| contrast | unit | Δ ± SE (points) | 95 % CI | n | p | Holm p | resolved |" in text
+    assert "**not pre-registered**" in text and "nothing is marked resolved" in text
+    # 95 % CI: 2.0 ± t(0.975, 2) × SE = 2.0 ± 4.303 × 0.577; p = 0.074, the third smallest of six: Holm p 4 × p
+    assert "| aft_bc - vft_continued | seeds | +2.0 ± 0.6 | [-0.5, +4.5] | 3 | 0.074 | 0.297 | – |" in text
+    assert "| vft_continued - start | seeds | +10.0 ± 0.0 | – | 3 | – | – | – |" in text
+
+    declared = aggregate(THREE_SEEDS, 1, declaration=_declaration(tmp_path, ["aft_bc - vft_continued"], 0.1))
+    text = markdown_table({**declared, "seeds": [0, 1, 2], "task_seeds": None})
+    assert f"Contrasts declared in `{tmp_path / 'e1.yaml'}`" in text and "Holm p < 0.1 on the primary test" in text
+    assert "| aft_bc - vft_continued | seeds | +2.0 ± 0.6 | [+0.3, +3.7] | 3 | 0.074 | 0.074 | yes |" in text
 
 
 def _report_inputs(tmp_path, name: str) -> tuple[dict, Path]:
@@ -130,6 +173,32 @@ def test_results_page_holds_one_section_per_experiment(tmp_path):
     assert new.startswith(head) and new.endswith(tasks_end + tail) and "cmd again" in _between(new, "tasks")
     assert (page.parent / "results" / "tasks" / "accuracy.png").read_bytes() == b"rerun"
     assert (page.parent / "results" / "accuracy.png").read_bytes() == b"run"
+
+
+def test_results_page_prints_the_declaration_first(tmp_path):
+    page = tmp_path / "results.md"
+    result, out = _report_inputs(tmp_path, "run")
+    update_results_page(result, out, page, "cmd")
+    assert _between(page.read_text(), None).startswith("\nNot pre-registered: an ad-hoc comparison")
+    declaration = _declaration(tmp_path, ["aft_bc - vft_continued", "aft_bc - start"])
+    update_results_page({**result, **aggregate(THREE_SEEDS, 1, declaration=declaration)}, out, page, "cmd")
+    section = _between(page.read_text(), None)
+    first = f"\nDeclaration `{declaration.path}` (experiment `e1`, sha256 {declaration.sha256[:12]}), fixed before"
+    assert section.startswith(first)
+    assert f"```yaml\n{declaration.text}```" in section and "| aft_bc - start | seeds |" in section
+    assert section.index("```yaml") < section.index("Command: `cmd`") < section.index("| contrast |")
+
+
+def test_runs_of_another_experiment_are_refused_before_anything_runs(tmp_path):
+    out = tmp_path / "cmp"
+    (out / "aft_bc_s0").mkdir(parents=True)
+    summary = {"run_name": "aft_bc_s0", "mode": "online", "loss": "aft_bc", "model": "tiny", "task": "arith",
+               "final": {}, **_summary([0.2, 0.3]), "experiment": {"name": "e1", "sha256": "x"}}
+    (out / "aft_bc_s0" / "summary.json").write_text(json.dumps(summary))
+    declaration = _declaration(tmp_path, ["aft_bc - vft_continued"], name="e2")
+    with pytest.raises(ValueError, match=r"refusing to pool runs of other experiments: .*aft_bc_s0 \(e1\)"):
+        run_comparison(PRESET, ["vft_continued", "aft_bc"], [0], out, declaration=declaration)
+    assert [p.name for p in out.iterdir()] == ["aft_bc_s0"]  # no MLflow run, no train workers, no base
 
 
 @pytest.mark.parametrize("preset, kwargs, match", [
@@ -185,7 +254,8 @@ def test_reduced_comparison_end_to_end(tmp_path):
     import mlflow
 
     arms = ["vft_continued", "aft_bc"]
-    result = run_comparison(PRESET, arms, [0], tmp_path / "cmp", SMALL + ["loop.rounds=1"])
+    declaration = _declaration(tmp_path, ["aft_bc - vft_continued", "aft_bc - start"])
+    result = run_comparison(PRESET, arms, [0], tmp_path / "cmp", SMALL + ["loop.rounds=1"], declaration=declaration)
     out = tmp_path / "cmp"
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["arms"].keys() == set(arms) and saved["seeds"] == [0] and saved["runs_time_s"] > 0
@@ -199,6 +269,14 @@ def test_reduced_comparison_end_to_end(tmp_path):
     assert first["num_questions"] == second["num_questions"] and first["train_steps"] == second["train_steps"]
     assert summaries["aft_bc"]["loss"] == "aft_bc" and summaries["vft_continued"]["loss"] == "vft"
     assert result["arms"]["aft_bc"]["final"]["accuracy"]["mean"] == second["accuracy"]
+    # every run records its experiment; one seed gives no test, so nothing is resolved
+    base = json.loads((out / "base_s0" / "summary.json").read_text())
+    assert all(s["experiment"] == declaration.record() for s in [base, *summaries.values()])
+    assert list(saved["contrasts"]) == ["aft_bc - vft_continued", "aft_bc - start"]
+    assert not any(c["resolved"] for c in saved["contrasts"].values())
+    with pytest.raises(ValueError, match="refusing to pool"):  # another experiment on the same folder
+        run_comparison(PRESET, arms, [0], out, SMALL + ["loop.rounds=1"],
+                       declaration=_declaration(tmp_path, ["aft_bc - start"], name="e2"))
     assert {p.name for p in (out / "plots").iterdir()} == {"accuracy.png", "assessment.png", "scores.png"}
 
     # MLflow: one parent run, a child run per arm (and the shared base)

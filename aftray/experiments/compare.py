@@ -13,9 +13,12 @@ across tasks, not on one draw of 300 test questions: seed i runs on task seed i 
 `task_seed_of`), and each task seed has its own base(s), since a base is trained on its task's problems.
 
 Statistics are paired by seed (same seed: same task, same base, same questions): each arm's difference to
-VFT-continued, and contrasts between two arms (default also AFT-BC vs RFT, the paper's AFT ≥ RFT), each with its
-standard error and whether it is resolved (|mean| ≥ 3 SE). Results: `comparison.json`, `comparison.md`, plots;
-one MLflow parent run with a child run per arm and seed.
+VFT-continued and to its own start (round 0), and contrasts, each with its standard error, t confidence interval
+and p (aftray/experiments/stats.py); with task seeds also by task. A pre-registered experiment
+(aftray/experiments/declaration.py) declares its contrasts, primary test and α: a contrast is resolved when its
+Holm-adjusted p on the primary test is below α. Without a declaration the p-values are exploratory and nothing is
+marked resolved. Results: `comparison.json`, `comparison.md`, plots; one MLflow parent run with a child run per
+arm and seed.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ import time
 from pathlib import Path
 
 from aftray.config import load_config
+from aftray.experiments.declaration import START, Declaration, check_pooling
+from aftray.experiments.stats import holm, paired_test, task_level_test
 from aftray.loop.rounds import run_loop
 from aftray.run.rundir import read_summary, write_json
 from aftray.run.tracking import Tracker
@@ -46,7 +51,7 @@ ARMS = {
 PAPER_ARMS = ("vft_continued", "rft", "aft_dc", "aft_bc", "aft_rank_bc", "dpo", "dpo_bc", "rrhf", "rrhf_bc",
               "align_none")
 TRACKED = ("accuracy", "assessment_accuracy", "mean_score_pos", "mean_score_neg", "min_score_neg", "pass_at_k")
-RESOLVED = 3.0  # a paired difference counts as resolved at this many standard errors from 0
+ALPHA = 0.05  # the confidence intervals' level (1 - ALPHA) of a comparison without a declaration
 
 
 def _link_round_zero(base_dir: Path, arm_dir: Path) -> None:
@@ -98,21 +103,22 @@ def _check_request(task: str, task_seeds: list[int] | None, labels: list[str],
     if task_seeds and task != "arith":
         raise ValueError(f"--task-seeds needs task.name=arith (it sets task.arith.seed, the generated problems); "
                          f"the preset has task.name={task}")
-    unknown = [a for pair in contrasts or [] for a in pair if a not in labels]
+    unknown = [a for pair in contrasts or [] for a in pair if a not in labels + [START]]
     if unknown:
-        raise ValueError(f"--contrast: unknown {unknown}; expected some of {', '.join(labels)}")
+        raise ValueError(f"--contrast: unknown {unknown}; expected some of {', '.join(labels)} (or {START})")
 
 
 def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_dir: str | Path,
                    overrides: list[str] | None = None, shared_base: bool = True,
                    grid: dict[str, list[str]] | None = None, bases_dir: str | Path | None = None,
                    base_seed: int | None = None, task_seeds: list[int] | None = None,
-                   contrasts: list[tuple[str, str]] | None = None) -> dict:
+                   contrasts: list[tuple[str, str]] | None = None, declaration: Declaration | None = None) -> dict:
     """Every arm × grid setting × seed, each from its seed's VFT base (kept in `bases_dir`, default `out_dir`).
     Shared bases: one per task seed, all of seed `base_seed` (default the first seed), so they differ only in
     their task; `shared_base=False`: one per (task seed, seed). A grid setting's arms are compared with
     VFT-continued under the same setting; their labels are `<arm>_<setting>` (see `grid_settings`). `contrasts`:
-    pairs of labels (a, b) to compare beyond the defaults (see `contrast_pairs`)."""
+    pairs of labels (a, b) to compare beyond the defaults (see `contrast_pairs`). `declaration`: the
+    pre-registered experiment these runs belong to; its contrasts replace the defaults (see `aggregate`)."""
     out_dir = Path(out_dir).absolute()
     bases_dir = Path(bases_dir).absolute() if bases_dir else out_dir
     overrides = list(overrides or [])
@@ -122,7 +128,11 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
     settings = grid_settings(grid)
     first = load_config(preset, overrides + settings[0][1] + [f"output_dir={out_dir}"])  # fail fast on bad input
     label = {(arm, name): f"{arm}_{name}" if name else arm for name, _ in settings for arm in arms}
+    if declaration:
+        contrasts = declaration.contrasts
     _check_request(first.task.name, task_seeds, list(label.values()), contrasts)
+    if declaration:
+        check_pooling(_existing_runs(out_dir, bases_dir), declaration)
     task_of = task_seed_of(seeds, task_seeds)
     start = time.perf_counter()
     runs: dict[str, dict[int, dict]] = {label[arm, name]: {} for name, _ in settings for arm in arms}
@@ -142,7 +152,8 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
             base = load_config(preset, overrides + task + [f"output_dir={bases_dir}", f"seed={b_seed}",
                                                            f"model.tiny.seed={b_seed}", f"train.seed={b_seed}",
                                                            f"run_name=base_{_tag(t, b_seed)}", "loop.rounds=0"])
-            bases[base.run_name] = _finished(base) or run_loop(base, parent.run_id, trainer)
+            bases[base.run_name] = _recorded(base, _finished(base) or run_loop(base, parent.run_id, trainer),
+                                             declaration)
             seeded = overrides + task + [f"output_dir={out_dir}", f"seed={seed}", f"train.seed={seed}",
                                          f"rollout.seed={seed}", f"model.tiny.seed={b_seed}"]
             for name, setting in settings:
@@ -150,9 +161,10 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
                     cfg = load_config(preset, seeded + setting + [f"run_name={label[arm, name]}_{_tag(t, seed)}",
                                                                   f"loss.name={ARMS[arm]}"])
                     _link_round_zero(base.run_dir, cfg.run_dir)
-                    runs[label[arm, name]][seed] = _finished(cfg) or run_loop(cfg, parent.run_id, trainer)
+                    runs[label[arm, name]][seed] = _recorded(
+                        cfg, _finished(cfg) or run_loop(cfg, parent.run_id, trainer), declaration)
         controls = {label[arm, name]: label.get(("vft_continued", name)) for name, _ in settings for arm in arms}
-        result = aggregate(runs, first.loop.rounds, controls, contrasts)
+        result = aggregate(runs, first.loop.rounds, controls, contrasts, task_of, declaration)
         result.update(preset=str(preset), overrides=overrides, seeds=seeds, task_seeds=task_seeds,
                       arm_names=arms, shared_base=shared_base,
                       grid=grid or {}, wall_time_s=time.perf_counter() - start, versions=_versions(),
@@ -167,6 +179,22 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
                             for arm, s in result["arms"].items()}, step=first.loop.rounds)
     log.info("comparison written to %s (%.0f s)", out_dir, result["wall_time_s"])
     return result
+
+
+def _existing_runs(out_dir: Path, bases_dir: Path) -> dict[str, dict]:
+    """The summaries of the runs already in the comparison's folders, by folder: what a re-run would pool. (A run
+    that stopped before its summary was written carries no record: it resumes whatever experiment made it.)"""
+    paths = sorted({*out_dir.glob("*/summary.json"), *bases_dir.glob("base_*/summary.json")})
+    return {str(p.parent): read_summary(p) for p in paths}
+
+
+def _recorded(cfg, summary: dict, declaration: Declaration | None) -> dict:
+    """The run's summary with the experiment that made it (key "experiment"): a later comparison that may not pool
+    it sees whose it is. A run keeps its first record (a base that a declared `reuse` shares stays its maker's)."""
+    if declaration and "experiment" not in summary:
+        summary = {**summary, "experiment": declaration.record()}
+        write_json(cfg.run_dir / "summary.json", summary)
+    return summary
 
 
 def runs_time(bases: dict[str, dict], runs: dict[str, dict[int, dict]]) -> float:
@@ -184,37 +212,59 @@ def _mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
-def paired_difference(diffs: list[float]) -> dict:
-    """Mean, std and standard error (std / sqrt(n)) of paired differences, and their ratio |mean| / SE: resolved
-    at >= RESOLVED. One seed, or differences all equal, give no SE worth dividing by: ratio None, unresolved."""
-    ms = _mean_std(diffs)
-    se = ms["std"] / math.sqrt(ms["n"]) if ms["n"] else math.nan
-    ratio = abs(ms["mean"]) / se if ms["n"] >= 2 and se > 0 else None
-    return {**ms, "se": se, "ratio": ratio, "resolved": ratio is not None and ratio >= RESOLVED}
+def final_accuracy_differences(a: dict[int, dict], b: dict[int, dict] | None) -> dict[int, float]:
+    """Seed -> final-round accuracy of a minus b (same seed: same task, base and questions); b None: minus a's
+    own round 0, its start (the base's accuracy)."""
+    if b is None:
+        return {s: run["rounds"][-1]["accuracy"] - run["rounds"][0]["accuracy"] for s, run in a.items()}
+    return {s: a[s]["rounds"][-1]["accuracy"] - b[s]["rounds"][-1]["accuracy"] for s in a if s in b}
 
 
-def _final_accuracy_difference(a: dict[int, dict], b: dict[int, dict]) -> dict:
-    """Final-round accuracy of a minus b, paired by seed (same seed: same task, base and questions)."""
-    return paired_difference([a[s]["rounds"][-1]["accuracy"] - b[s]["rounds"][-1]["accuracy"] for s in a if s in b])
+def contrast_test(diffs: dict[int, float], task_of: dict[int, int | None], alpha: float) -> dict:
+    """The paired test with the seed as the unit ("seed"); with task seeds also with the task as the unit
+    ("task", see `task_level_test`)."""
+    out = {"seed": paired_test(list(diffs.values()), alpha)}
+    if diffs and all(task_of.get(s) is not None for s in diffs):
+        by_task: dict[int, list[float]] = {}
+        for s, d in diffs.items():
+            by_task.setdefault(task_of[s], []).append(d)
+        out["task"] = task_level_test(by_task, alpha)
+    return out
 
 
 def contrast_pairs(labels: list[str], controls: dict[str, str | None],
                    extra: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
-    """Each arm vs its control, then AFT-BC vs RFT when both ran (the paper's AFT ≥ RFT), then `extra`; each
-    pair once."""
+    """A comparison without a declaration: each arm vs its control, each arm vs its start, AFT-BC vs RFT when
+    both ran (the paper's AFT ≥ RFT), then `extra`; each pair once."""
     pairs = [(arm, controls[arm]) for arm in labels if controls[arm] in labels and controls[arm] != arm]
+    pairs += [(arm, START) for arm in labels]
     if "aft_bc" in labels and "rft" in labels:
         pairs.append(("aft_bc", "rft"))
     return list(dict.fromkeys(pairs + list(extra or [])))
 
 
+def adjust_and_decide(contrasts: dict[str, dict], primary: str | None, alpha: float) -> None:
+    """Holm's correction over the contrasts, for each unit's test ("holm_p"), and "resolved": Holm p < alpha on
+    the primary unit's test; None (undecided) without a declared primary test."""
+    for unit in ("seed", "task"):
+        tests = [c[unit] for c in contrasts.values() if unit in c]
+        for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
+            test["holm_p"] = adjusted
+    for c in contrasts.values():
+        p = c.get(primary, {}).get("holm_p")
+        c["resolved"] = None if primary is None else p is not None and p < alpha
+
+
 def aggregate(runs: dict[str, dict[int, dict]], rounds: int, controls: dict[str, str | None] | None = None,
-              contrasts: list[tuple[str, str]] | None = None) -> dict:
-    """Mean ± std over seeds per arm and round; paired differences against each arm's control (default
-    "vft_continued"), seed by seed, with their standard errors; the same for the contrasts (see
-    `contrast_pairs`; `contrasts` adds pairs), keyed "<a> - <b>"."""
+              contrasts: list[tuple[str, str]] | None = None, task_of: dict[int, int | None] | None = None,
+              declaration: Declaration | None = None) -> dict:
+    """Mean ± std over seeds per arm and round; per arm its paired difference, seed by seed, to its control
+    (default "vft_continued") and to its start; the contrasts, keyed "<a> - <b>": the declaration's, else
+    `contrast_pairs` (`contrasts` adds pairs), each tested by seed and by task (`task_of`: seed -> task seed),
+    Holm-adjusted, and resolved or not on the declaration's primary test."""
     controls = {arm: (controls or {}).get(arm, "vft_continued") for arm in runs}
-    out: dict = {"arms": {}}
+    alpha = declaration.alpha if declaration else ALPHA
+    out: dict = {"arms": {}, "alpha": alpha}
     for arm, by_seed in runs.items():
         control_label = controls[arm]
         control = runs.get(control_label, {})
@@ -224,12 +274,21 @@ def aggregate(runs: dict[str, dict[int, dict]], rounds: int, controls: dict[str,
             per_round[r] = {k: _mean_std([rec.get(k) for rec in recs]) for k in TRACKED}
         finals = {seed: s["rounds"][-1] for seed, s in by_seed.items()}
         entry = {"rounds": per_round, "final": per_round[rounds],
-                 "per_seed_final_accuracy": {seed: f["accuracy"] for seed, f in finals.items()}}
+                 "per_seed_final_accuracy": {seed: f["accuracy"] for seed, f in finals.items()},
+                 "delta_accuracy_vs_start": paired_test(list(final_accuracy_differences(by_seed, None).values()),
+                                                        alpha)}
         if control and arm != control_label:
-            entry["delta_accuracy_vs_vft_continued"] = _final_accuracy_difference(by_seed, control)
+            entry["delta_accuracy_vs_vft_continued"] = paired_test(
+                list(final_accuracy_differences(by_seed, control).values()), alpha)
         out["arms"][arm] = entry
-    out["contrasts"] = {f"{a} - {b}": _final_accuracy_difference(runs[a], runs[b])
-                        for a, b in contrast_pairs(list(runs), controls, contrasts)}
+    pairs = declaration.contrasts if declaration else contrast_pairs(list(runs), controls, contrasts)
+    out["contrasts"] = {f"{a} - {b}": contrast_test(
+        final_accuracy_differences(runs[a], None if b == START else runs[b]), task_of or {}, alpha)
+        for a, b in pairs}
+    adjust_and_decide(out["contrasts"], declaration.primary if declaration else None, alpha)
+    out["declaration"] = None if declaration is None else {
+        "name": declaration.name, "path": declaration.path, "sha256": declaration.sha256,
+        "primary": declaration.primary, "text": declaration.text}
     return out
 
 
@@ -240,6 +299,10 @@ def _fmt(ms: dict, pct: bool = False, spread: str = "std") -> str:
     return f"{ms['mean'] * 100:.1f} ± {ms[spread] * 100:.1f}" if pct else f"{ms['mean']:.3f} ± {ms[spread]:.3f}"
 
 
+def _fmt_p(p: float | None) -> str:
+    return "–" if p is None else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _seeds_line(result: dict) -> str:
     """The seeds, and the task seeds when the comparison spread them over several tasks."""
     seeds, task_seeds = result["seeds"], result["task_seeds"]
@@ -247,34 +310,58 @@ def _seeds_line(result: dict) -> str:
     return f"{len(seeds)} seeds ({', '.join(map(str, seeds))}){tasks}"
 
 
-def _contrast_table(contrasts: dict[str, dict]) -> list[str]:
-    """One row per contrast; Δ/SE is "–" where one seed (or identical differences) gives no SE."""
-    lines = ["| contrast | Δ accuracy (points) | SE | Δ/SE | seeds | resolved (≥ 3 SE) |",
-             "|---|---|---|---|---|---|"]
-    for name, c in contrasts.items():
-        ratio = "–" if c["ratio"] is None else f"{c['ratio']:.1f}"
-        lines.append(f"| {name} | {c['mean'] * 100:+.1f} | {c['se'] * 100:.1f} | {ratio} | {c['n']} | "
-                     f"{'yes' if c['resolved'] else 'no'} |")
+def _contrast_table(result: dict) -> list[str]:
+    """A row per contrast and unit (seeds; tasks when there are task seeds); "–" where there is no SE (one unit,
+    or equal differences) or, without a declaration, no decision."""
+    level = f"{(1 - result['alpha']) * 100:g} %"
+    lines = [f"| contrast | unit | Δ ± SE (points) | {level} CI | n | p | Holm p | resolved |",
+             "|---|---|---|---|---|---|---|---|"]
+    primary = (result["declaration"] or {}).get("primary")
+    for name, c in result["contrasts"].items():
+        for unit in ("seed", "task"):
+            if unit not in c:
+                continue
+            t = c[unit]
+            ci = "–" if t["ci"] is None else f"[{t['ci'][0] * 100:+.1f}, {t['ci'][1] * 100:+.1f}]"
+            resolved = "–" if primary != unit else "yes" if c["resolved"] else "no"
+            lines.append(f"| {name} | {unit}s | {t['mean'] * 100:+.1f} ± {t['se'] * 100:.1f} | {ci} | {t['n']} | "
+                         f"{_fmt_p(t['p'])} | {_fmt_p(t['holm_p'])} | {resolved} |")
     return lines
 
 
+def _contrast_caption(result: dict) -> str:
+    """How the contrast table was computed, and whether it decides anything."""
+    declaration, n = result["declaration"], len(result["contrasts"])
+    how = ("final-round accuracy of a minus b (`start`: a's own round 0), paired by seed; t-test of the "
+           "differences against 0 (df = seeds − 1), two-sided p, Holm's correction over the "
+           f"{n} contrasts of each unit")
+    tasks = ("; unit `tasks`: each task seed's differences averaged, then the t-test over task seeds "
+             "(df = tasks − 1)") if result["task_seeds"] else ""
+    if declaration is None:
+        return (f"Contrasts, **not pre-registered** (no declaration): {how}{tasks}. The p-values are exploratory; "
+                "nothing is marked resolved.")
+    return (f"Contrasts declared in `{declaration['path']}`: {how}{tasks}. Resolved: Holm p < "
+            f"{result['alpha']:g} on the primary test (unit {declaration['primary']}s).")
+
+
 def markdown_table(result: dict) -> str:
-    """The arms' final round, then the contrasts: paired by seed, each with its standard error and whether it is
+    """The arms' final round, then the contrasts with their confidence intervals, p-values and whether they are
     resolved, so a reader does not have to judge the noise from a std."""
-    lines = [f"Final round, mean ± std over {_seeds_line(result)}; accuracy in %, Δ = paired difference to "
-             "VFT-continued (same seed), mean ± standard error (SE = std / √seeds).", "",
-             "| arm | accuracy | Δ vs VFT-cont. (± SE) | assessment acc. | pass@k | mean s_pos | mean s_neg "
-             "| min s_neg |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Final round, mean ± std over {_seeds_line(result)}; accuracy in %, Δ = paired difference (same "
+             "seed) to VFT-continued and to the arm's own start (round 0), mean ± standard error "
+             "(SE = std / √seeds).", "",
+             "| arm | accuracy | Δ vs VFT-cont. (± SE) | Δ vs start (± SE) | assessment acc. | pass@k | mean s_pos "
+             "| mean s_neg | min s_neg |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm, e in result["arms"].items():
         f = e["final"]
         lines.append(f"| {arm} | {_fmt(f['accuracy'], True)} | "
                      f"{_fmt(e.get('delta_accuracy_vs_vft_continued'), True, 'se')} | "
+                     f"{_fmt(e['delta_accuracy_vs_start'], True, 'se')} | "
                      f"{_fmt(f['assessment_accuracy'], True)} | {_fmt(f['pass_at_k'], True)} | "
                      f"{_fmt(f['mean_score_pos'])} | {_fmt(f['mean_score_neg'])} | {_fmt(f['min_score_neg'])} |")
     if result["contrasts"]:
-        lines += ["", f"Contrasts: final-round accuracy of a minus b, paired by seed; resolved when |Δ| ≥ "
-                      f"{RESOLVED:g} SE.", "", *_contrast_table(result["contrasts"])]
+        lines += ["", _contrast_caption(result), "", *_contrast_table(result)]
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
-"""Refresh a generated section of a results page (docs/results.md) from a comparison: the command, versions,
-seeds and task seeds, arms, wall time, the tables and the plots. Text outside the markers (the reading of the
-results) is kept.
+"""Refresh a generated section of a results page (docs/results.md) from a comparison: its declaration (or that it
+has none), the command, versions, seeds and task seeds, arms, wall time, the tables and the plots. Text outside
+the markers (the reading of the results) is kept.
 
 A page holds one generated section per experiment: the unnamed one (markers `generated:start` / `generated:end`,
 assets in docs/results/) and named ones (`generated:<name>:start` / `generated:<name>:end`, assets in
@@ -26,10 +26,20 @@ def markers(section: str | None) -> tuple[str, str]:
     return f"<!-- generated:{section}:start -->", f"<!-- generated:{section}:end -->"
 
 
+def _declaration(result: dict) -> list[str]:
+    """The pre-registration first, as committed, so a reader sees what was fixed before the numbers."""
+    d = result["declaration"]
+    if d is None:
+        return ["Not pre-registered: an ad-hoc comparison (no `--declaration`); its p-values are exploratory and "
+                "nothing below is marked resolved.", ""]
+    return [f"Declaration `{d['path']}` (experiment `{d['name']}`, sha256 {d['sha256'][:12]}), fixed before the "
+            "runs:", "", "```yaml", d["text"].rstrip("\n"), "```", ""]
+
+
 def _header(result: dict, command: str) -> list[str]:
     """What it takes to reproduce the section: the command, the preset, seeds, task seeds, arms, time, versions."""
     versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
-    return [
+    return [*_declaration(result),
         f"Command: `{command}`  ",
         f"Preset: `{result['preset']}` with overrides `{' '.join(result['overrides']) or '(none)'}`  ",
         f"Seeds: {result['seeds']}; task seeds: {result['task_seeds'] or 'none (the preset task)'}; "
