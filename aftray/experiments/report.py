@@ -36,6 +36,11 @@ def _declaration(result: dict) -> list[str]:
             "runs:", "", "```yaml", d["text"].rstrip("\n"), "```", ""]
 
 
+def _machine(result: dict) -> str:
+    """The machine the runs took their time on (a comparison written before the core count was recorded: unknown)."""
+    return f"a machine with {result['cpus']} cores" if result.get("cpus") else "the machine of that session"
+
+
 def _header(result: dict, command: str) -> list[str]:
     """What it takes to reproduce the section: the command, the preset, seeds, task seeds, arms, time, versions."""
     versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
@@ -45,7 +50,7 @@ def _header(result: dict, command: str) -> list[str]:
         f"Seeds: {result['seeds']}; task seeds: {result['task_seeds'] or 'none (the preset task)'}; "
         f"arms: {', '.join(result['arm_names'])}  ",
         f"Time: the runs took {result['runs_time_s'] / 60:.1f} min in all (sum of their rounds' wall times; "
-        f"this invocation {result['wall_time_s'] / 60:.1f} min) on this machine (2 cores); versions: {versions}",
+        f"this invocation {result['wall_time_s'] / 60:.1f} min) on {_machine(result)}; versions: {versions}",
     ]
 
 
