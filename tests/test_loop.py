@@ -20,8 +20,8 @@ from aftray.run.rundir import ROUND_KEYS, read_summary
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "arith_cpu.yaml"
 # A small but complete arith run: VFT warm-up, then rounds of rollout -> verify -> train -> refresh -> eval.
-SMALL = ["task.arith.num_train=400", "task.num_test=30", "loop.eval_questions=30", "loop.questions_per_round=16",
-         "train.vft_steps=30", "train.steps_per_stage=4", "rollout.k=4", "tracking.experiment=test"]
+SMALL = ["task.num_train=400", "task.num_test=30", "loop.questions_per_round=16",
+         "train.vft.steps=30", "train.steps_per_stage=4", "rollout.k=4", "tracking.experiment=test"]
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_eval_every_skips_rounds_but_not_the_last(tmp_path, ray_local):
 
     from aftray.loop.rounds import run_loop
 
-    cfg = _cfg(tmp_path, "loop.rounds=2", "loop.eval_every=2", "run_name=eval_every", "train.vft_steps=10")
+    cfg = _cfg(tmp_path, "loop.rounds=2", "loop.eval_every=2", "run_name=eval_every", "train.vft.steps=10")
     rounds = run_loop(cfg)["rounds"]
     assert rounds[1]["accuracy"] is None and rounds[1]["time_eval_s"] == 0.0 and rounds[1]["train_loss"] > 0
     assert 0.0 <= rounds[0]["accuracy"] <= 1.0 and 0.0 <= rounds[2]["accuracy"] <= 1.0
@@ -101,7 +101,7 @@ def test_eval_every_skips_rounds_but_not_the_last(tmp_path, ray_local):
 def test_offline_single_round(tmp_path, ray_local):
     from aftray.loop.rounds import run_loop
 
-    cfg = _cfg(tmp_path, "loop.mode=offline", "loop.rounds=1", "task.arith.num_train=48", "run_name=offline")
+    cfg = _cfg(tmp_path, "loop.mode=offline", "loop.rounds=1", "task.num_train=48", "run_name=offline")
     run_loop(cfg)
     summary = _check_summary(cfg.run_dir, 1, "offline")
     assert (cfg.run_dir / "rounds" / "0" / "checkpoint" / "model.safetensors").is_file()  # the VFT stage
