@@ -203,7 +203,8 @@ def gpu_preset(name: str = "gsm8k_gpu") -> Config:
     if not preset.is_file():
         pytest.skip(f"configs/{name}.yaml not written yet")
     data = load(preset)
-    return cfg(data.get("rollout"), data.get("train"), data.get("cluster"))
+    rollout = {**data["rollout"], "vllm": VllmConfig(**data["rollout"].get("vllm", {}))}
+    return cfg(rollout, data.get("train"), data.get("cluster"))
 
 
 def aws_nodes_at_start() -> list[Node]:
