@@ -22,7 +22,7 @@ def default_preset() -> Path:
     except ImportError:
         pass
     has_vllm = importlib.util.find_spec("vllm") is not None
-    return CONFIGS / ("gsm8k_gpu.yaml" if has_gpu and has_vllm else "gsm8k_cpu.yaml")
+    return CONFIGS / ("gsm8k_gpu.yaml" if has_gpu and has_vllm else "words_cpu.yaml")
 
 
 def _load(path, overrides):

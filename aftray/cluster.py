@@ -112,8 +112,10 @@ def _custom(resources: dict[str, float], key: str) -> dict[str, float]:
 
 def actor_gpus(cfg: RolloutConfig) -> float:
     """GPUs one rollout actor holds: its engine's, all of them (a tensor-parallel vLLM engine runs its
-    tensor_parallel_size workers inside the actor's GPUs; the config refuses gpus_per_actor below that)."""
-    return max(cfg.gpus_per_actor, float(cfg.tensor_parallel_size)) if cfg.tensor_parallel_size > 1 \
+    rollout.vllm.tensor_parallel_size workers inside the actor's GPUs; the config refuses gpus_per_actor below
+    that)."""
+    tp = cfg.vllm.tensor_parallel_size
+    return max(cfg.gpus_per_actor, float(tp)) if tp > 1 \
         else cfg.gpus_per_actor
 
 

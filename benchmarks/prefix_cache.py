@@ -1,5 +1,5 @@
-"""vLLM's KV-cache block size on CPU: 32 tokens (aftray's CPU default, `rollout.block_size`) against vLLM's own
-CPU default of 128, on the SmolLM2 comparison's prompts (configs/gsm8k_compare.yaml: SmolLM2-135M, 1-shot
+"""vLLM's KV-cache block size on CPU: 32 tokens (aftray's CPU default, `rollout.vllm.block_size`) against vLLM's own
+CPU default of 128, on the SmolLM2 comparison's prompts (configs/words_compare.yaml: SmolLM2-135M, 1-shot
 arithmetic word problems; every prompt opens with the same 1-shot prefix, which the prefix cache can only reuse in
 whole blocks: a 108-token prefix is 3 blocks of 32 and no block of 128).
 
@@ -27,7 +27,7 @@ from aftray.rollout.pool import make_engine
 from aftray.tasks import load_task
 
 OUT = Path(__file__).parent / "results" / "prefix_cache.json"
-PRESET = Path(__file__).parents[1] / "configs" / "gsm8k_compare.yaml"
+PRESET = Path(__file__).parents[1] / "configs" / "words_compare.yaml"
 
 
 def measure(path, cfg, rows: list[dict], args) -> dict:
@@ -69,12 +69,13 @@ def main() -> None:
     task = load_task(replace(preset.task, num_test=args.questions))
     rows = question_rows(task.test, task, load_tokenizer(path))
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))[:args.threads]))
-    base = replace(preset.rollout, threads_per_actor=args.threads, cpu_cores=cores, kv_cache_gb=2)
+    base = replace(preset.rollout, threads_per_actor=args.threads,
+                   vllm=replace(preset.rollout.vllm, cpu_cores=cores, kv_cache_gb=2))
     blocks = {"block_32": 32, "block_128": 128}
     runs: dict = {name: [] for name in blocks}
     for _ in range(args.repeats):
         for name, size in blocks.items():
-            runs[name].append(measure(path, replace(base, block_size=size), rows, args))
+            runs[name].append(measure(path, replace(base, vllm=replace(base.vllm, block_size=size)), rows, args))
 
     first = {name: r[0]["outputs"] for name, r in runs.items()}
     same = {part: first["block_32"][i] == first["block_128"][i] for i, part in enumerate(("greedy", "sampled"))}

@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 import torch
 
-from aftray.config import ModelConfig, RolloutConfig, TaskConfig
+from aftray.config import ModelConfig, RolloutConfig, TaskConfig, VllmConfig
 from aftray.models import load_model, load_tokenizer, resolve_model_path
 from aftray.rollout import RolloutPool, SamplingParams, derive_seed, question_rows
 from aftray.rollout.pool import make_engine
@@ -103,7 +103,8 @@ def main() -> None:
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))[:args.threads]))
     cfg = RolloutConfig(engine="vllm", k=args.k, temperature=0.8, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, threads_per_actor=args.threads,
-                        cpus_per_actor=args.threads, max_prompt_tokens=512, cpu_cores=cores)
+                        cpus_per_actor=args.threads, max_prompt_tokens=512, seed=0,
+                        vllm=VllmConfig(cpu_cores=cores))
     params = SamplingParams.from_config(cfg)
     batches = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]  # as the pool cuts
     results: dict = {"setup": {"model": smol.name_or_path, "task": "gsm8k test", "questions": len(rows),
@@ -117,7 +118,8 @@ def main() -> None:
     for name, kind, over in [("hf", "hf", {}), ("vllm_fp32", "vllm", {"dtype": "float32"}),
                              ("vllm_fp32_compiled", "vllm", {"dtype": "float32", "enforce_eager": False}),
                              ("vllm_bf16", "vllm", {"dtype": "bfloat16"})]:
-        engines[name], startup[name] = timed(make_engine, kind, path, replace(cfg, engine=kind, **over))
+        engines[name], startup[name] = timed(make_engine, kind, path,
+                                             replace(cfg, engine=kind, vllm=replace(cfg.vllm, **over)))
         in_process(engines[name], batches[:1], replace(params, max_new_tokens=2))  # first forward pass
     runs: dict = {name: [] for name in engines}
     for _ in range(args.repeats):

@@ -57,11 +57,11 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     model_path = resolve_model_path(ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(
-        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384, max_position_embeddings=256)))
+        hidden_size=128, num_layers=4, seed=0)))
     groups = make_groups(64, k=4, prompt_len=24, cot_len=24, vocab=70)
     train = TrainConfig(lr=1e-3, warmup_steps=0, steps_per_stage=args.steps, questions_per_step=16,
                         micro_batch_questions=8, max_seq_len=128, num_workers=args.workers,
-                        zero_stage=args.zero_stage)
+                        zero_stage=args.zero_stage, seed=0)
     loss = LossConfig(name="aft_bc")
     with tempfile.TemporaryDirectory(prefix="aftray-bench-") as tmp:
         root = Path(tmp)

@@ -23,7 +23,7 @@ fresh process per arm, arms interleaved for --repeats rounds: unshared fp32, sha
 amp_bf16. Throughput counts each arm's tokens as the unshared layout does (prompt once per sequence), so
 `shared_over_unshared` is how much sooner the same groups are trained. `max_abs_score_diff`: the largest
 |S_shared - S_unshared| over every sequence of the first 8 groups (fp32, summed log-probs). Groups: a `make run`
-round-1 samples.parquet (--groups, default runs/gsm8k_cpu/rounds/1/), else made from the preset's task (its
+round-1 samples.parquet (--groups, default runs/words_cpu/rounds/1/), else made from the preset's task (its
 prompts; COTs: the question's reference (right) and other questions' references (wrong), sampled-COT length).
 Writes benchmarks/results/train_shared_prefix.json; prints one JSON line last.
 
@@ -47,7 +47,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
-PRESET = REPO / "configs" / "gsm8k_cpu.yaml"
+PRESET = REPO / "configs" / "words_cpu.yaml"
 
 
 def bench_group(gid: str, prompt_ids: list[int], ref_cot_ids: list[int], cot_ids: list[list[int]],
@@ -127,7 +127,7 @@ def run_arm(arm: str, spec: dict) -> dict:
     from aftray.train.worker import train_stage_local
 
     groups, loss = spec["groups"], LossConfig(name=spec["loss"])
-    train = TrainConfig(**spec["train"], cpus_per_worker=spec["threads"])
+    train = TrainConfig(**spec["train"], cpus_per_worker=spec["threads"], seed=0)
     with tempfile.TemporaryDirectory(prefix="aftray-bench-") as stage_dir:
         if arm == "plain":
             return plain_loop(groups, spec["model_path"], train, loss)
@@ -152,7 +152,7 @@ def cpu_benchmark(args) -> dict:
 
     if args.model == "tiny":  # a ~11M-parameter random Llama with the char tokenizer
         cfg = ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(
-            hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024, max_position_embeddings=512))
+            hidden_size=384, num_layers=6, seed=0))
     else:
         cfg = ModelConfig(name_or_path=args.model)
     model_path = str(resolve_model_path(cfg))
@@ -306,7 +306,7 @@ def gpu_benchmark(args) -> dict:
     groups = make_groups(args.questions, args.k, args.prompt_len, args.cot_len, config.vocab_size)
     train = TrainConfig(lr=1e-5, warmup_steps=1, steps_per_stage=args.steps, max_seq_len=2048, zero_stage=2,
                         questions_per_step=args.questions_per_step, micro_batch_questions=args.micro_batch_questions,
-                        dtype="bf16", packing=True)
+                        dtype="bf16", packing=True, seed=0)
     with tempfile.TemporaryDirectory() as stage_dir:
         result = train_stage_local("align", groups, path, stage_dir, train, LossConfig(name="aft_bc"))
     with torch.device("meta"):
@@ -343,7 +343,7 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
     p.add_argument("--shared-prefix-compare", action="store_true",
                    help="the default preset's groups: shared-prefix against unshared, amp_bf16 against fp32")
-    p.add_argument("--groups", default=str(REPO / "runs/gsm8k_cpu/rounds/1/samples.parquet"),
+    p.add_argument("--groups", default=str(REPO / "runs/words_cpu/rounds/1/samples.parquet"),
                    help="--shared-prefix-compare: a round's samples.parquet (else made from the preset)")
     p.add_argument("--arm", nargs=3, help=argparse.SUPPRESS)  # internal: ARM SPEC_JSON OUT_JSON
     args = p.parse_args()

@@ -200,14 +200,15 @@ def check_gsm8k_job(c):
     if not (data / "gsm8k").is_dir() or model is None:
         raise Skip(f"no local {'GSM8K ($AFTRAY_DATA_DIR)' if model else 'SmolLM2 ($AFTRAY_GPU_CHECK_MODEL)'}")
     out, gpu = Path(c.tmp) / "runs", c.dev.type == "cuda"
-    cmd = [sys.executable, "jobs/aft_gsm8k.py", "--config", f"configs/gsm8k_{'gpu' if gpu else 'cpu'}.yaml",
+    cmd = [sys.executable, "jobs/aft_gsm8k.py", "--config", f"configs/{'gsm8k_gpu' if gpu else 'words_cpu'}.yaml",
            f"output_dir={out}", "run_name=gpu_check", f"model.name_or_path={model}", "loop.rounds=1",
-           "loop.eval_questions=50", "task.num_train=64", "task.num_test=50", "loop.questions_per_round=32",
+           "task.num_train=64", "task.num_test=50", "loop.questions_per_round=32",
            "tracking.enabled=false", "cluster.precheck_timeout_s=0"]
     if gpu:  # samplers and trainer share the one GPU
         cmd += ["loop.overlap=false", "rollout.num_actors=1", "rollout.cpus_per_actor=1", "rollout.k=4",
-                "rollout.gpus_per_actor=0.45", "rollout.resources.rollout=0", "rollout.gpu_memory_utilization=0.3",
-                "rollout.max_new_tokens=256", "rollout.enforce_eager=true", "train.num_workers=1", "train.cpus_per_worker=1",
+                "rollout.gpus_per_actor=0.45", "rollout.resources.rollout=0",
+                "rollout.vllm.gpu_memory_utilization=0.3", "rollout.max_new_tokens=256", "rollout.vllm.enforce_eager=true",
+                "train.num_workers=1", "train.cpus_per_worker=1",
                 "train.gpus_per_worker=0.45", "train.resources.trainer=0", "train.questions_per_step=16"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=c.args.job_timeout)
     tail = [ln.strip() for ln in (p.stdout + p.stderr).splitlines() if ln.strip()][-3:]
@@ -232,7 +233,7 @@ def main() -> int:
     torch.manual_seed(0)
     failed = 0
     with tempfile.TemporaryDirectory(prefix="aftray-gpu-check-") as tmp:
-        path = build_tiny_model(TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
+        path = build_tiny_model(TinyModelConfig(hidden_size=64, num_layers=2, seed=0),
                                 Path(tmp))
         tok = load_tokenizer(path)
         c = types.SimpleNamespace(args=args, dev=dev, tmp=tmp, path=path, tok=tok, rows=group_rows(tok),

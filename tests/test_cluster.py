@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aftray.config import ClusterConfig, Config, ConfigError, RolloutConfig, TrainConfig
+from aftray.config import ClusterConfig, Config, ConfigError, RolloutConfig, TrainConfig, VllmConfig
 from aftray import cluster as P
 from aftray.cluster import BundleGroup, Node, PlacementError
 
@@ -203,7 +203,8 @@ def gpu_preset(name: str = "gsm8k_gpu") -> Config:
     if not preset.is_file():
         pytest.skip(f"configs/{name}.yaml not written yet")
     data = load(preset)
-    return cfg(data.get("rollout"), data.get("train"), data.get("cluster"))
+    rollout = {**data["rollout"], "vllm": VllmConfig(**data["rollout"].get("vllm", {}))}
+    return cfg(rollout, data.get("train"), data.get("cluster"))
 
 
 def aws_nodes_at_start() -> list[Node]:
@@ -353,8 +354,9 @@ def test_gives_up_on_the_autoscaler_after_the_timeout(monkeypatch):
     monkeypatch.setattr(P, "_autoscaler_can_add_nodes", lambda: True)
     monkeypatch.setattr(P, "cluster_nodes", lambda: TWO_NODES[:1])
     c = one_each()
+    c.cluster.precheck_timeout_s = 0.2  # the default wait, from the config
     with pytest.raises(PlacementError, match=r"trainer: 0 .*waited 0 s for the autoscaler"):
-        P.check_cluster_fits(c, timeout_s=0.2)
+        P.check_cluster_fits(c)
 
 
 # ------------------------------------------------------------------------------------------ placement (Ray)
@@ -453,7 +455,8 @@ def test_start_ray_hands_the_nccl_env_to_ray_init(monkeypatch):
 
 
 def test_tensor_parallel_actor_asks_for_its_engines_gpus():
-    c = cfg({"engine": "vllm", "gpus_per_actor": 2.0, "tensor_parallel_size": 2, "resources": {"rollout": 2.0}})
+    c = cfg({"engine": "vllm", "gpus_per_actor": 2.0, "vllm": VllmConfig(tensor_parallel_size=2),
+             "resources": {"rollout": 2.0}})
     assert P.actor_options(c.rollout)["num_gpus"] == 2.0
     assert P.bundle_groups(c)[0].bundle["GPU"] == 2.0
     assert P.actor_options(cfg({"gpus_per_actor": 0.5}).rollout)["num_gpus"] == 0.5  # TP 1: as configured
@@ -462,8 +465,8 @@ def test_tensor_parallel_actor_asks_for_its_engines_gpus():
 def test_tensor_parallel_needs_vllm_and_the_gpus():
     from aftray.config import load_config
 
-    for bad in (["rollout.tensor_parallel_size=2", "rollout.gpus_per_actor=2"],  # hf engine
-                ["rollout.tensor_parallel_size=2", "rollout.engine=vllm", "rollout.gpus_per_actor=1"],
-                ["rollout.tensor_parallel_size=0"]):
-        with pytest.raises(ConfigError, match="^rollout.tensor_parallel_size: expected"):
+    for bad in (["rollout.vllm.tensor_parallel_size=2", "rollout.gpus_per_actor=2"],  # hf engine
+                ["rollout.vllm.tensor_parallel_size=2", "rollout.engine=vllm", "rollout.gpus_per_actor=1"],
+                ["rollout.vllm.tensor_parallel_size=0"]):
+        with pytest.raises(ConfigError, match="^rollout.vllm.tensor_parallel_size: expected"):
             load_config(None, bad)

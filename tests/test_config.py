@@ -1,6 +1,9 @@
 """Config: presets + overrides build typed sections; bad keys, types and values fail early, naming the key."""
+import dataclasses
 import importlib.util
 import time
+import typing
+from pathlib import Path
 
 import pytest
 
@@ -35,13 +38,31 @@ def test_yaml_file_then_overrides(tmp_path):
     ("loss.name=nope", "loss.name: expected one of"),
     ("rollout.engine=sglang", "rollout.engine: expected one of 'hf', 'vllm'"),
     ("train.zero_stage=4", "train.zero_stage"),
-    ("train.vft_min_lr_ratio=2", "train.vft_min_lr_ratio: expected a value in"),
+    ("train.vft.min_lr_ratio=2", "train.vft.min_lr_ratio: expected a value in"),
     ("trainlr", "expected key=value"),
     ("train.steps_per_round=4", "train.steps_per_round was renamed to train.steps_per_stage"),
     ("loss.beta=0.1", "loss.beta was renamed to loss.bc_margin"),
     ("loop.eval_k=4", "loop.eval_k was removed"),
-    ("rollout.cpu_cores=0-", "rollout.cpu_cores: expected 'auto', null or a core list"),
-    ("rollout.block_size=24", "rollout.block_size: expected null or a multiple of 16"),
+    ("rollout.vllm.cpu_cores=0-", "rollout.vllm.cpu_cores: expected 'auto', null or a core list"),
+    ("rollout.vllm.block_size=24", "rollout.vllm.block_size: expected null or a multiple of 16"),
+    ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization: expected a fraction"),
+    ("train.weight_decay=-1", "train.weight_decay: expected a value >= 0"),
+    ("train.grad_clip=-1", "train.grad_clip: expected a value >= 0"),
+    ("loss.dpo_beta=0", "loss.dpo_beta: expected a value > 0"),
+    ("loss.process_gap=-1", "loss.process_gap: expected a value >= 0"),
+    ("cluster.precheck_timeout_s=-1", "cluster.precheck_timeout_s: expected seconds >= 0"),
+    ("model.tiny.hidden_size=100", "model.tiny.hidden_size: expected a multiple of 32"),
+    # moved and removed keys name their replacement (issue #25)
+    ("loop.eval_questions=50", "loop.eval_questions was replaced by task.num_test"),
+    ("task.arith.num_train=400", "task.arith.num_train was replaced by task.num_train"),
+    ("rollout.gpu_memory_utilization=0.8", "rollout.gpu_memory_utilization was moved to "
+                                           "rollout.vllm.gpu_memory_utilization"),
+    ("rollout.tensor_parallel_size=2", "rollout.tensor_parallel_size was moved to rollout.vllm.tensor_parallel_size"),
+    ("train.vft_steps=10", "train.vft_steps was moved to train.vft.steps"),
+    ("train.vft_questions_per_step=8", "train.vft_questions_per_step was moved to train.vft.questions_per_step"),
+    ("model.cache_dir=/tmp", "model.cache_dir was removed: set AFTRAY_CACHE_DIR"),
+    ("tracking.tracking_uri=x", "tracking.tracking_uri was removed: set MLFLOW_TRACKING_URI"),
+    ("rollout.strict_prompts=true", "rollout.strict_prompts was removed: prompts over rollout.max_prompt_tokens"),
     ("rollout.weight_sync=nccl", "rollout.weight_sync: expected auto, object_store or folder: nccl needs"),
     ("rollout.weight_sync=disk", "rollout.weight_sync: expected one of 'auto', 'object_store', 'nccl', 'folder'"),
     ("loop.checkpoint_every=0", "loop.checkpoint_every: expected an integer >= 1"),
@@ -63,8 +84,6 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_presets_load(data_dir):
-    from pathlib import Path
-
     presets = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert presets, "no presets in configs/"
     for preset in presets:
@@ -89,10 +108,10 @@ def test_pinned_samplers_are_refused_beside_overlapping_trainers():
     vllm_cpu = ["task.name=gsm8k", "rollout.engine=vllm", "loop.overlap=true"]
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed (engine=vllm fails validation first)")
-    with pytest.raises(ConfigError, match="rollout.cpu_cores: expected null or cores the train workers do not use"):
+    with pytest.raises(ConfigError, match="rollout.vllm.cpu_cores: expected null or cores the train workers do not"):
         load_config(None, vllm_cpu)
-    assert load_config(None, vllm_cpu + ["rollout.cpu_cores=null"]).rollout.cpu_cores is None
-    assert load_config(None, vllm_cpu + ["rollout.gpus_per_actor=1"]).rollout.cpu_cores == "auto"  # GPU samplers
+    assert load_config(None, vllm_cpu + ["rollout.vllm.cpu_cores=null"]).rollout.vllm.cpu_cores is None
+    assert load_config(None, vllm_cpu + ["rollout.gpus_per_actor=1"]).rollout.vllm.cpu_cores == "auto"  # GPU
 
 
 def test_weight_sync_auto_picks_what_the_placement_allows():
@@ -106,3 +125,32 @@ def test_weight_sync_auto_picks_what_the_placement_allows():
     with pytest.raises(ConfigError, match="rollout.weight_sync: expected object_store or auto when "
                                           "loop.checkpoint_every > 1"):
         load_config(None, ["rollout.weight_sync=folder", "loop.checkpoint_every=2"])
+
+
+def leaf_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """The dotted keys a user can set: the leaves of the Config dataclass tree (a dict-valued key is one)."""
+    hints = typing.get_type_hints(cls)
+    return [key for f in dataclasses.fields(cls) for key in (
+        leaf_keys(hints[f.name], f"{prefix}{f.name}.") if dataclasses.is_dataclass(hints[f.name])
+        else [prefix + f.name])]
+
+
+def test_config_stays_small():
+    """Every key is one more thing to read, document and test (issue #25: 110 leaves before it, 96 after)."""
+    keys = leaf_keys()
+    assert len(keys) <= 96, f"{len(keys)} config keys: {keys}"
+
+
+def test_one_seed_derives_the_others_and_each_can_be_pinned():
+    cfg = load_config(None, ["seed=3"])
+    assert cfg.rollout.seed == cfg.train.seed == cfg.model.tiny.seed == cfg.task.arith.seed == 3
+    pinned = load_config(None, ["seed=3", "task.arith.seed=1", "model.tiny.seed=0"])
+    assert (pinned.task.arith.seed, pinned.model.tiny.seed, pinned.rollout.seed, pinned.train.seed) == (1, 0, 3, 3)
+
+
+def test_renamed_presets_name_the_new_one():
+    configs = Path(__file__).parents[1] / "configs"
+    for old, new in (("gsm8k_cpu", "words_cpu"), ("gsm8k_compare", "words_compare")):
+        with pytest.raises(ConfigError, match=f"gsm8k_.*: renamed to .*configs/{new}.yaml"):
+            load_config(configs / f"{old}.yaml")
+        assert load_config(configs / f"{new}.yaml").task.name == "arith"  # GSM8K's format, generated problems

@@ -41,7 +41,7 @@ def test_result_line_names_the_gain_and_its_se():
     se = math.sqrt(0.12 * 0.88 / 200 + 0.195 * 0.805 / 200)  # 0.0362: two independent binomial proportions
     assert console.result_line(first, last) == (f"accuracy 12.0% → 19.5% (+7.5 ± {100 * se:.1f}, 200 questions); "
                                                 "assessment accuracy 0.333 → 0.410")
-    assert console.result_line({**first, "accuracy": None}, last) == "accuracy not measured (loop.eval_questions=0)"
+    assert console.result_line({**first, "accuracy": None}, last) == "accuracy not measured (task.num_test=0)"
 
 
 def test_log_format():

@@ -54,8 +54,8 @@ def test_round_samples_until_mixed_groups_or_cap(tmp_path, ray_local):
     from aftray.run.rundir import read_parquet_rows
 
     need, per_round, cap = 10, 8, 24  # need > per_round: the first batch alone can never be enough
-    cfg = load_config(PRESET, [f"output_dir={tmp_path}", "run_name=dynamic", "task.arith.num_train=400",
-                               "task.num_test=20", "loop.eval_questions=20", "train.vft_steps=30",
+    cfg = load_config(PRESET, [f"output_dir={tmp_path}", "run_name=dynamic", "task.num_train=400",
+                               "task.num_test=20", "train.vft.steps=30",
                                "train.steps_per_stage=2", "loop.rounds=1", f"loop.questions_per_round={per_round}",
                                f"loop.min_mixed_groups={need}", "loop.max_oversample=3", "tracking.enabled=false"])
     rec = run_loop(cfg)["rounds"][1]

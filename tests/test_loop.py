@@ -20,8 +20,8 @@ from aftray.run.rundir import ROUND_KEYS, read_summary
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "arith_cpu.yaml"
 # A small but complete arith run: VFT warm-up, then rounds of rollout -> verify -> train -> refresh -> eval.
-SMALL = ["task.arith.num_train=400", "task.num_test=30", "loop.eval_questions=30", "loop.questions_per_round=16",
-         "train.vft_steps=30", "train.steps_per_stage=4", "rollout.k=4", "tracking.experiment=test"]
+SMALL = ["task.num_train=400", "task.num_test=30", "loop.questions_per_round=16",
+         "train.vft.steps=30", "train.steps_per_stage=4", "rollout.k=4", "tracking.experiment=test"]
 
 # the run the resume and two-node tests reproduce: 2 rounds, evaluated after round 0 and the last only
 REFERENCE = ["loop.rounds=2", "loop.eval_every=2"]
@@ -120,7 +120,7 @@ def test_online_aft_bc_two_rounds(reference_run):
 def test_offline_single_round(tmp_path, trainer):
     from aftray.loop.rounds import run_loop
 
-    cfg = _cfg(tmp_path, "loop.mode=offline", "loop.rounds=1", "task.arith.num_train=48", "run_name=offline")
+    cfg = _cfg(tmp_path, "loop.mode=offline", "loop.rounds=1", "task.num_train=48", "run_name=offline")
     run_loop(cfg, trainer=trainer)
     summary = _check_summary(cfg.run_dir, 1, "offline")
     assert (cfg.run_dir / "rounds" / "0" / "checkpoint" / "model.safetensors").is_file()  # the VFT stage

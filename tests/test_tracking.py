@@ -128,8 +128,8 @@ def mlflow_server(tmp_path):
 
 
 def test_live_server(tmp_path, monkeypatch, mlflow_server):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # the environment overrides the config
-    with Tracker(TrackingConfig(experiment="live", tracking_uri="sqlite:///ignored.db"),
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # instead of the sqlite file in the output dir
+    with Tracker(TrackingConfig(experiment="live"),
                  tmp_path / "run", "r1", tmp_path) as tracker:
         assert tracker.uri == mlflow_server
         _log_two_rounds(tracker, tmp_path)

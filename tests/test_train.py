@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aftray.config import LossConfig, TrainConfig
+from aftray.config import LossConfig, TrainConfig, VftConfig
 from aftray.rows import group_row
 from aftray.train.worker import lr_at, step_groups
 
@@ -45,7 +45,7 @@ def make_groups(tokenizer, n: int = 8, seed: int = 0) -> list[dict]:
 
 def small_train(**overrides) -> TrainConfig:
     base = dict(lr=3e-3, warmup_steps=1, steps_per_stage=6, questions_per_step=4, micro_batch_questions=1,
-                max_seq_len=64, num_workers=2, cpus_per_worker=1, max_failures=1)
+                max_seq_len=64, num_workers=2, cpus_per_worker=1, max_failures=1, seed=0)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -111,11 +111,23 @@ def test_inbox_drops_what_it_has_finished(ray_local):
     assert ray.get(inbox.pending.remote()) == 0 and ray.get(inbox.first_unfinished.remote()) == 2
 
 
+def test_deepspeed_config_takes_the_optimizer_keys():
+    """train.grad_clip, train.weight_decay and train.offload_optimizer (GPU: DeepSpeed's CPU Adam on the host)."""
+    from aftray.train.deepspeed_config import deepspeed_config
+
+    train = TrainConfig(grad_clip=0.5, weight_decay=0.01, zero_stage=2, offload_optimizer=True)
+    plain = deepspeed_config(train, grad_accum=2, world_size=1, offload=False)  # the worker's torch AdamW
+    assert plain["gradient_clipping"] == 0.5 and "optimizer" not in plain
+    offloaded = deepspeed_config(train, 2, 1, offload=train.offload_optimizer)
+    assert offloaded["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert offloaded["optimizer"]["params"]["weight_decay"] == 0.01
+
+
 def test_vft_stage_takes_the_vft_keys():
     from aftray.train.stage import stage_configs
 
-    train = TrainConfig(lr=3e-4, min_lr_ratio=1.0, vft_lr=2e-3, vft_min_lr_ratio=0.1, vft_steps=100,
-                        vft_questions_per_step=32, questions_per_step=16)
+    train = TrainConfig(lr=3e-4, min_lr_ratio=1.0, questions_per_step=16,
+                        vft=VftConfig(steps=100, lr=2e-3, min_lr_ratio=0.1, questions_per_step=32))
     vft, loss = stage_configs("vft", train, LossConfig(name="aft_bc"))
     assert (vft.lr, vft.min_lr_ratio, vft.steps_per_stage, vft.questions_per_step) == (2e-3, 0.1, 100, 32)
     assert loss.name == "vft"
@@ -170,7 +182,8 @@ def test_local_stage_without_ray(tmp_path, tiny_model_path, monkeypatch):
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compile)
 
     tokenizer = load_tokenizer(tiny_model_path)
-    train = small_train(num_workers=1, questions_per_step=2, micro_batch_questions=2, vft_lr=1e-2, zero_stage=3)
+    train = small_train(num_workers=1, questions_per_step=2, micro_batch_questions=2, vft=VftConfig(lr=1e-2),
+                        zero_stage=3)
     result = train_stage_local("vft", make_groups(tokenizer), tiny_model_path, tmp_path, train, LossConfig())
     assert result.metrics["steps"] == 4 and [h["step"] for h in result.history] == [1, 2, 3, 4]
     assert result.history[-1]["vft"] < result.history[0]["vft"]

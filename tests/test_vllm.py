@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aftray.config import ModelConfig, RolloutConfig
+from aftray.config import ModelConfig, RolloutConfig, VllmConfig
 from aftray.models import load_model, load_tokenizer, resolve_model_path
 from aftray.rollout.engine import SamplingParams
 
@@ -40,7 +40,7 @@ def make_vllm(path, **kw):
     from aftray.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(path, RolloutConfig(**{"engine": "vllm", "max_prompt_tokens": 512, "max_new_tokens": 64,
-                                             "threads_per_actor": 2, **kw}))
+                                             "threads_per_actor": 2, "seed": 0, **kw}))
 
 
 def save_scaled(path: Path, out: Path, scale: float) -> Path:
@@ -242,7 +242,7 @@ def test_without_vllm_the_error_names_the_extra(tiny_model_path, monkeypatch):
 def test_cuda_build(tiny_model_path, tmp_path):
     """The same class on vLLM's CUDA build (never run on the CPU-only development machine)."""
     engine = make_vllm(tiny_model_path, max_prompt_tokens=100, max_new_tokens=24, gpus_per_actor=1,
-                       gpu_memory_utilization=0.3)
+                       vllm=VllmConfig(gpu_memory_utilization=0.3, enforce_eager=True))  # as gpu_check runs it
     tok = engine.tokenizer
     prompts = [tok("Q: 2+3?\nA:")["input_ids"], tok("Q: 7-4?\nA:")["input_ids"]]
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=7)

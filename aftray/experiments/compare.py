@@ -144,18 +144,18 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
                            "overrides": " ".join(overrides), "grid": str(grid or {}),
                            "task_seeds": ",".join(map(str, task_seeds or []))})
         for seed in seeds:
-            # the seed changes the sampling, the data order and the training (and the model init of its own
-            # base when bases are not shared); the task changes only with the task seed
+            # `seed` changes the sampling, the data order and the training (and the model init of its own base
+            # when bases are not shared); an arm keeps its base's model init. The task changes only with the
+            # task seed: without task seeds, every seed runs on the preset's problems (`first`'s, which `seed`
+            # would otherwise vary too)
             t = task_of[seed]
-            task = [] if t is None else [f"task.arith.seed={t}"]
+            task = [f"task.arith.seed={first.task.arith.seed if t is None else t}"]
             b_seed = seed if not shared_base else seeds[0] if base_seed is None else base_seed
             base = load_config(preset, overrides + task + [f"output_dir={bases_dir}", f"seed={b_seed}",
-                                                           f"model.tiny.seed={b_seed}", f"train.seed={b_seed}",
                                                            f"run_name=base_{_tag(t, b_seed)}", "loop.rounds=0"])
             bases[base.run_name] = _recorded(base, _finished(base) or run_loop(base, parent.run_id, trainer),
                                              declaration)
-            seeded = overrides + task + [f"output_dir={out_dir}", f"seed={seed}", f"train.seed={seed}",
-                                         f"rollout.seed={seed}", f"model.tiny.seed={b_seed}"]
+            seeded = overrides + task + [f"output_dir={out_dir}", f"seed={seed}", f"model.tiny.seed={b_seed}"]
             for name, setting in settings:
                 for arm in arms:
                     cfg = load_config(preset, seeded + setting + [f"run_name={label[arm, name]}_{_tag(t, seed)}",

@@ -46,6 +46,7 @@ from aftray.train.service import TrainService
 from aftray.train.stage import planned_steps
 
 log = logging.getLogger("aftray")
+SAMPLES_PER_LABEL = 3  # COTs per label in rounds/<r>/samples.txt (a glance; the parquet holds them all)
 
 
 def round_questions(rows: list[dict], cfg: Config, r: int) -> list[dict]:
@@ -104,7 +105,7 @@ class Run:
         self.base_model = resolve_model_path(cfg.model)
         tokenizer = load_tokenizer(self.base_model, cfg.model.trust_remote_code)
         self.train_rows = question_rows(self.task.train, self.task, tokenizer)
-        self.eval_rows = question_rows(self.task.test[:cfg.loop.eval_questions], self.task, tokenizer)
+        self.eval_rows = question_rows(self.task.test, self.task, tokenizer)
         log.info("task %s: %d train / %d eval questions; model %s", cfg.task.name, len(self.train_rows),
                  len(self.eval_rows), self.base_model)
         start_ray(cfg)
@@ -163,8 +164,8 @@ class Run:
         options = {"name": self.stage_name(r), "save_weights": r == 0 or r % every == 0 or r == last,
                    "push_weights": sync == "object_store"}
         if sync == "nccl":  # trainer rank 0 broadcasts to the engines; they then hold version r
-            dtype = "float32" if cfg.rollout.dtype == "float32" else "bfloat16"
-            options["nccl_engines"] = (self.pool.engines, cfg.rollout.tensor_parallel_size, dtype, r)
+            dtype = "float32" if cfg.rollout.vllm.dtype == "float32" else "bfloat16"
+            options["nccl_engines"] = (self.pool.engines, cfg.rollout.vllm.tensor_parallel_size, dtype, r)
         if stage == "vft":  # rows built here from the question table, handed over as one object ref
             groups = [ray.put([question_group_row(row) for row in self.train_rows])]
         else:
@@ -207,7 +208,7 @@ class Run:
                    "time_train_s": 0.0, "time_sync_s": 0.0, "rollout_tokens_per_s": float("nan"),
                    "train_tokens_per_s": float("nan")}
         start = time.perf_counter()
-        if self.cfg.train.vft_steps > 0 or self.cfg.loop.mode == "offline":
+        if self.cfg.train.vft.steps > 0 or self.cfg.loop.mode == "offline":
             with phase("train", metrics, self.cfg.loop.rounds):  # the VFT stage on the reference COTs
                 metrics.update(self.train(0, stage="vft"))
             with phase("sync", metrics, self.cfg.loop.rounds):
@@ -222,7 +223,7 @@ class Run:
                 prefetched = self.rollout(r)
         metrics = {"round": r, **prefetched}
         sampled, text = ray.get(summarize_round.remote(self.groups.get(r) or str(self.dir.samples_path(r)),
-                                                       self.cfg.rollout.k, self.cfg.loop.samples_to_log))
+                                                       self.cfg.rollout.k, SAMPLES_PER_LABEL))
         metrics.update(sampled)
         metrics["rollout_tokens_per_s"] = metrics.pop("rollout_tokens") / max(metrics["time_rollout_s"], 1e-9)
         (self.dir.round_dir(r) / "samples.txt").write_text(text)

@@ -52,14 +52,9 @@ class Weights:
     source: None | str | list = None
 
 
-def truncate_prompts(prompts: list[list[int]], names: list, limit: int, strict: bool
-                     ) -> tuple[list[list[int]], int]:
-    """Left-truncate to `limit` tokens (the end of a prompt is what the model continues); count or reject."""
-    long = [name for name, p in zip(names, prompts, strict=True) if len(p) > limit]
-    if long and strict:
-        raise ValueError(f"rollout.strict_prompts: {len(long)} prompt(s) longer than "
-                         f"rollout.max_prompt_tokens={limit} tokens (first: {long[0]})")
-    return [p[-limit:] for p in prompts], len(long)
+def truncate_prompts(prompts: list[list[int]], limit: int) -> tuple[list[list[int]], int]:
+    """Left-truncate to `limit` tokens (the end of a prompt is what the model continues) and count them."""
+    return [p[-limit:] for p in prompts], sum(len(p) > limit for p in prompts)
 
 
 def make_engine(kind: str, model_path: str | Path, cfg: RolloutConfig) -> Engine:
@@ -108,8 +103,7 @@ class EngineActor:
 
     def generate(self, rows: list[dict], round: int, params: SamplingParams, weights: Weights):
         self.sync(weights)
-        prompts, truncated = truncate_prompts([r["prompt_ids"] for r in rows], [r["id"] for r in rows],
-                                              self.cfg.max_prompt_tokens, self.cfg.strict_prompts)
+        prompts, truncated = truncate_prompts([r["prompt_ids"] for r in rows], self.cfg.max_prompt_tokens)
         seeded = [params if params.seed is None else
                   replace(params, seed=derive_seed(params.seed, round, r["id"])) for r in rows]
         start = time.perf_counter()
@@ -124,17 +118,16 @@ class EngineActor:
 
     def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]], weights: Weights):
         self.sync(weights)
-        prompts, truncated = truncate_prompts(prompt_ids, list(range(len(prompt_ids))),
-                                              self.cfg.max_prompt_tokens, self.cfg.strict_prompts)
+        prompts, truncated = truncate_prompts(prompt_ids, self.cfg.max_prompt_tokens)
         return self.engine.score(prompts, cot_ids), {"truncated_prompts": truncated}
 
     def continue_texts(self, prefixes: list[str], m: int, round: int, params: SamplingParams,
                        weights: Weights):
         """m sampled continuations of each text prefix (prompt + partial COT), seeded by (round, prefix)."""
         self.sync(weights)
-        # a prefix is a prompt plus up to a whole COT; never rejected, as its prompt passed already
-        prompts, _ = truncate_prompts([encode_prompt(self.engine.tokenizer, p) for p in prefixes], prefixes,
-                                      self.cfg.max_prompt_tokens + self.cfg.max_new_tokens, strict=False)
+        # a prefix is a prompt plus up to a whole COT
+        prompts, _ = truncate_prompts([encode_prompt(self.engine.tokenizer, p) for p in prefixes],
+                                      self.cfg.max_prompt_tokens + self.cfg.max_new_tokens)
         seeded = [replace(params, n=m, seed=None if params.seed is None else
                           derive_seed(params.seed, round, p)) for p in prefixes]
         start = time.perf_counter()

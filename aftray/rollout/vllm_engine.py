@@ -6,8 +6,8 @@ vLLM is an optional extra, imported only here. Choices, and why:
   generation_config.json (repetition penalty, ...) out of sampling, as the HF engine does; its EOS ids are passed
   as stop tokens.
 - No chunked prefill: on CPU, per-request seeds with chunked prefill crash the engine core ("CPU Generator does
-  not use offset"). Without it the longest sequence must fit one step, so `max_num_batched_tokens` >= the
-  engine's `max_model_len` (checked by the config). A request's n samples use seeds seed, seed + 1, ..., so COTs
+  not use offset"). Without it the longest sequence must fit one step: a step takes MAX_BATCHED_TOKENS tokens,
+  or the engine's `max_model_len` where that is more. A request's n samples use seeds seed, seed + 1, ..., so COTs
   are a function of the question's seed whatever batch it lands in.
 - Weight refresh in place with vLLM's own `reload_weights` (layerwise reload), which handles the weights the CPU
   backend repacks after loading; a model's plain `load_weights` does not. The RPC carries a folder path, never
@@ -18,18 +18,18 @@ vLLM is an optional extra, imported only here. Choices, and why:
   for it), and on CPU the head holds its own repacked copy of the embedding, so it kept the old weights after
   every reload (the drift check showed ~2 nats per token). vLLM is therefore started on a copy of the model whose
   config unties the head, with `lm_head.weight` (a copy of the embedding) staged beside every checkpoint.
-- CPU: OpenMP threads = `rollout.threads_per_actor`, pinned to cores this engine holds alone (`cpu_cores:
+- CPU: OpenMP threads = `rollout.threads_per_actor`, pinned to cores this engine holds alone (`rollout.vllm.cpu_cores:
   auto`, see `claim_cores`), to a given list, or unpinned (null); vLLM's own default would pin them to cores
-  train workers may use. Pinning measured +20 % tokens/s on 2 cores. KV cache `rollout.kv_cache_gb`.
+  train workers may use. Pinning measured +20 % tokens/s on 2 cores. KV cache `rollout.vllm.kv_cache_gb`.
 - CPU: the engine core runs in the actor's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): a spawned engine
   core imports vLLM and torch again (start-up measured 40-50 s, against ~10 s in-process) and would only share
   the same cores. vLLM's distributed state is per process, and shutting one in-process engine down tears it
   down for all, so only one engine at a time runs in-process; another one in the same process (tests, the
   benchmark) gets its own engine-core process. On GPUs vLLM keeps its engine-core process, which overlaps
   scheduling with the GPU's work.
-- `rollout.enforce_eager` (null: eager on CPU, CUDA graphs on GPU). Compiling on CPU measured 0 to +15 % tokens/s
+- `rollout.vllm.enforce_eager` (null: eager on CPU, CUDA graphs on GPU). Compiling on CPU measured 0 to +15 % tokens/s
   for ~50-75 s more start-up per engine, which short runs and per-arm engines do not win back.
-- CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.block_size`). The prefix cache reuses
+- CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.vllm.block_size`). The prefix cache reuses
   whole blocks only, and the SmolLM2 comparison's shared 1-shot prefix is 108 tokens: with 128-token blocks every
   prompt recomputed it. Greedy evaluation of its prompts measured 2.2x faster, the same tokens
   (benchmarks/prefix_cache.py).
@@ -79,12 +79,12 @@ def _set_cpu_threads(cfg: RolloutConfig) -> list:
 
     os.environ["OMP_NUM_THREADS"] = str(cfg.threads_per_actor)  # a spawned engine core's
     torch.set_num_threads(cfg.threads_per_actor)  # an in-process one's: Ray starts an actor with its CPU share
-    cores, locks = cfg.cpu_cores, []
+    cores, locks = cfg.vllm.cpu_cores, []
     if cores == "auto":
         claimed, locks = claim_cores(cfg.threads_per_actor)
         cores = ",".join(map(str, claimed)) or None
         if not claimed:
-            log.warning("rollout.cpu_cores=auto: fewer than %d cores free of other vLLM engines; OpenMP threads "
+            log.warning("rollout.vllm.cpu_cores=auto: fewer than %d cores free of other vLLM engines; OpenMP threads "
                         "left unpinned", cfg.threads_per_actor)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores or "nobind"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -113,6 +113,7 @@ def claim_cores(n: int) -> tuple[list[int], list]:
 
 
 CPU_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes (a multiple of 32)
+MAX_BATCHED_TOKENS = 16384  # tokens per engine step, raised to max_model_len where that is more (docstring)
 _in_process = weakref.WeakSet()  # the engine whose core runs in this process, if any (module docstring)
 
 
@@ -186,19 +187,20 @@ class VLLMEngine(Engine):
         # a MC continuation's prompt is a prompt plus a whole COT (see EngineActor.continue_texts)
         max_model_len = min(max_positions, cfg.max_prompt_tokens + 2 * cfg.max_new_tokens)
         nccl = cfg.weight_sync == "nccl"  # vLLM's NCCL weight transfer (init_weight_transfer)
+        v = cfg.vllm
         try:
             self.llm = vllm.LLM(
-                model=str(served), dtype=cfg.dtype if cfg.dtype != "auto" else
+                model=str(served), dtype=v.dtype if v.dtype != "auto" else
                 ("bfloat16" if on_gpu else "float32"), seed=cfg.seed, max_model_len=max_model_len,
                 logprobs_mode="raw_logprobs", generation_config="vllm", enable_chunked_prefill=False,
-                max_num_batched_tokens=max(cfg.max_num_batched_tokens, max_model_len),
-                block_size=cfg.block_size or (None if on_gpu else CPU_BLOCK_SIZE),
-                gpu_memory_utilization=cfg.gpu_memory_utilization,
-                kv_cache_memory_bytes=None if on_gpu else cfg.kv_cache_gb << 30,
-                enforce_eager=not on_gpu if cfg.enforce_eager is None else cfg.enforce_eager,
-                tensor_parallel_size=cfg.tensor_parallel_size if on_gpu else 1,
+                max_num_batched_tokens=max(MAX_BATCHED_TOKENS, max_model_len),
+                block_size=v.block_size or (None if on_gpu else CPU_BLOCK_SIZE),
+                gpu_memory_utilization=v.gpu_memory_utilization,
+                kv_cache_memory_bytes=None if on_gpu else v.kv_cache_gb << 30,
+                enforce_eager=not on_gpu if v.enforce_eager is None else v.enforce_eager,
+                tensor_parallel_size=v.tensor_parallel_size if on_gpu else 1,
                 # TP workers as processes of this actor on the GPUs Ray gave it ("ray" would ask Ray for more GPUs)
-                distributed_executor_backend="mp" if on_gpu and cfg.tensor_parallel_size > 1 else None,
+                distributed_executor_backend="mp" if on_gpu and v.tensor_parallel_size > 1 else None,
                 weight_transfer_config={"backend": "nccl"} if on_gpu and nccl else None)
         except Exception as e:  # vLLM's own message is deep in a traceback of its engine core
             self.release_cores()

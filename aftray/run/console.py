@@ -164,7 +164,7 @@ def result_line(first: dict, last: dict) -> str:
     """`accuracy 12.0% → 19.5% (+7.5 ± 2.7, 200 questions); assessment ...` from the first and last rounds."""
     p0, p1, n = first["accuracy"], last["accuracy"], last["num_eval_questions"]
     if p0 is None or p1 is None:
-        return "accuracy not measured (loop.eval_questions=0)"
+        return "accuracy not measured (task.num_test=0)"
     # the SE of a difference of two independent binomial proportions, sqrt(se0² + se1²); both rounds answer the
     # same questions, and the positive correlation between their answers makes this the conservative (larger) SE.
     # A round 0 linked from an older base run lacks num_eval_questions: it answered the same questions

@@ -4,9 +4,9 @@ The experiment is tagged as model training (not GenAI), and the link the console
 model-training view; round metrics are grouped by the phase they measure (`mlflow_name`: eval/, rollout/, train/,
 time/).
 
-The tracking URI is `MLFLOW_TRACKING_URI` if set, else `tracking.tracking_uri`, else a sqlite file in the output
-dir. Every metric also lands in `<run_dir>/metrics.jsonl`, so when the tracking server is unreachable the run goes
-on (one warning) and nothing is lost. A resumed job re-attaches to its MLflow run (id kept in the run dir).
+The tracking URI is `MLFLOW_TRACKING_URI` if set (MLflow's own variable, e.g. a tracking server), else a sqlite
+file in the output dir. Every metric also lands in `<run_dir>/metrics.jsonl`, so when the tracking server is
+unreachable the run goes on (one warning) and nothing is lost. A resumed job re-attaches to its MLflow run (id kept in the run dir).
 """
 from __future__ import annotations
 
@@ -49,11 +49,9 @@ def mlflow_name(key: str) -> str | None:
     return f"{group}/{rest}" if group in ("rollout", "train", "time") else f"rollout/{key}"
 
 
-def tracking_uri(cfg: TrackingConfig, output_dir: str | Path) -> str:
+def tracking_uri(output_dir: str | Path) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if cfg.tracking_uri:
-        return cfg.tracking_uri
     return f"sqlite:///{Path(output_dir).absolute() / 'mlflow.db'}"
 
 
@@ -75,7 +73,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.run_dir / "metrics.jsonl"
-        self.uri = tracking_uri(cfg, output_dir)
+        self.uri = tracking_uri(output_dir)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._mlflow = None

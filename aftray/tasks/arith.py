@@ -10,7 +10,9 @@ GSM8K style:
                      line, as GSM8K writes them: for pretrained models)
 Knobs (`task.arith`): steps (min/max events), max_value (numbers in the story are below it), distractors
 (facts that do not change the answer), style. Deterministic in `seed` (both styles draw the same problems);
-test questions never repeat a training question.
+test questions never repeat a training question. The splits hold NUM_TRAIN and NUM_TEST problems (more when
+task.num_train / task.num_test ask for more), drawn train first: the first n questions of a split are the same
+whatever the split sizes, as long as the training split's size is the same.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ NAMES = ["Ann", "Tom", "Sue", "Bob", "Amy", "Sam"]  # not pronouns: a distractor
 ITEMS = ["eggs", "pens", "cards", "coins", "books", "apples"]
 GAINS = ["gets", "finds", "buys"]
 LOSSES = ["loses", "sells", "gives away"]
+NUM_TRAIN, NUM_TEST = 4000, 500  # generated split sizes: task.num_train / num_test slice them
 
 
 def has_two_orders(ops: list[int]) -> bool:
@@ -95,16 +98,19 @@ def make_problem(rng: random.Random, cfg: ArithConfig) -> tuple[str, int, list[i
     return question, start, ops, story
 
 
-def generate(cfg: ArithConfig) -> tuple[list[Example], list[Example]]:
+def generate(cfg: ArithConfig, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST
+             ) -> tuple[list[Example], list[Example]]:
+    if cfg.seed is None:
+        raise ValueError("task.arith.seed: expected an integer (load_config derives it from seed), got None")
     rng, seen, repeats = random.Random(cfg.seed), set(), 0
     splits: dict[str, list[Example]] = {"train": [], "test": []}
-    for split, count in (("train", cfg.num_train), ("test", cfg.num_test)):
+    for split, count in (("train", num_train), ("test", num_test)):
         while len(splits[split]) < count:
             question, start, ops, story = make_problem(rng, cfg)
             if question in seen:
                 repeats += 1
-                if repeats > 10 * (cfg.num_train + cfg.num_test):
-                    raise ValueError(f"task.arith: cannot generate {cfg.num_train + cfg.num_test} distinct "
+                if repeats > 10 * (num_train + num_test):
+                    raise ValueError(f"task.arith: cannot generate {num_train + num_test} distinct "
                                      "questions with these knobs (raise max_value or max_steps)")
                 continue
             seen.add(question)
@@ -116,5 +122,5 @@ def generate(cfg: ArithConfig) -> tuple[list[Example], list[Example]]:
 
 
 def load(cfg: TaskConfig) -> Task:
-    train, test = generate(cfg.arith)
+    train, test = generate(cfg.arith, max(NUM_TRAIN, cfg.num_train or 0), max(NUM_TEST, cfg.num_test or 0))
     return Task("arith", "number", train, test, cfg)

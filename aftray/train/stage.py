@@ -104,15 +104,16 @@ class StageResult:
 
 
 def stage_configs(stage: str, train: TrainConfig, loss: LossConfig) -> tuple[TrainConfig, LossConfig]:
-    """The settings a stage trains with: `align` as configured; `vft` with loss "vft" and the `vft_*` keys
-    (vft_steps = 0: one pass over the groups)."""
+    """The settings a stage trains with: `align` as configured; `vft` with loss "vft" and the `train.vft` keys
+    (steps = 0: one pass over the groups)."""
     if stage == "align":
         return train, loss
     if stage == "vft":
-        min_lr_ratio = train.min_lr_ratio if train.vft_min_lr_ratio is None else train.vft_min_lr_ratio
-        return (dataclasses.replace(train, lr=train.vft_lr or train.lr, steps_per_stage=train.vft_steps or None,
+        vft = train.vft
+        min_lr_ratio = train.min_lr_ratio if vft.min_lr_ratio is None else vft.min_lr_ratio
+        return (dataclasses.replace(train, lr=vft.lr or train.lr, steps_per_stage=vft.steps or None,
                                     min_lr_ratio=min_lr_ratio,
-                                    questions_per_step=train.vft_questions_per_step or train.questions_per_step),
+                                    questions_per_step=vft.questions_per_step or train.questions_per_step),
                 dataclasses.replace(loss, name="vft", vft_weight=1.0, vft_on_positives=False))
     raise ValueError(f"stage: expected 'vft' or 'align', got {stage!r}")
 

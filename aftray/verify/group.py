@@ -38,7 +38,7 @@ def verify_group(row: dict, completions: list, cfg: VerifyConfig, answer_kind: s
                          "continuations")
     kept, counts, index = [], [], {}
     for c in completions:
-        key = normalize_ws(c.text) if cfg.dedup else len(kept)
+        key = normalize_ws(c.text)
         if key in index:  # a duplicate: keep one copy, count its votes (maj@k)
             counts[index[key]] += 1
             continue
