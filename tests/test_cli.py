@@ -29,3 +29,11 @@ def test_bad_input_ends_the_job_with_one_line(tmp_path, overrides, last_line):
     assert "Traceback" not in out.stderr
     logs = "".join(p.read_text() for p in (tmp_path / "runs").glob("*/run.log"))  # Ray logs its start there
     assert "Ray instance" not in logs
+
+
+def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "aftray.cli", "eval", str(tmp_path / "nothing"), f"output_dir={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'nothing'}: not a folder (expected an HF checkpoint folder)"

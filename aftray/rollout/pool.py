@@ -196,7 +196,8 @@ class Router:
 @dataclass
 class PoolContinuationSampler:
     """A `ContinuationSampler` (`aftray.verify.process`): m sampled continuations per prefix, by the pool's
-    engines (`EngineActor.sample_continuations`): what verify.process="mc" samples its step values with. Picklable: the Ray Data verify tasks call it."""
+    engines (`EngineActor.sample_continuations`): what verify.process="mc" samples its step values with.
+    Picklable: the Ray Data verify tasks call it."""
     router: Any
     round_index: int
     params: SamplingParams
