@@ -2,8 +2,8 @@
 
 `serve` keeps a worker alive for the whole run and runs one stage per request (see `aftray.train.service`);
 `run_stage` runs one in any process group (benchmarks/train.py also runs it without Ray, under torchrun or
-alone, with `StageJob.on_ray` False). A stage (`run_stage`), top to bottom: the
-stage's group rows, in one order on every worker -> the policy (model under DeepSpeed) it starts from, as the
+alone, with `StageJob.on_ray` False). A stage (`run_stage`), top to bottom: the stage's group rows, in one
+order on every worker -> the policy (model under DeepSpeed) it starts from, as the
 job's `init` says (`aftray.train.stage`): loaded, kept with a new optimizer, or kept whole -> resume ->
 optimizer steps (LR from the run's schedule, micro-batches of whole question groups, loss from `OBJECTIVES`,
 `engine.step`) -> metrics -> mid-stage checkpoints through `ray.train.report` (Ray only) -> the final weights:
