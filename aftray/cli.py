@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from aftray.config import ConfigError, load_config
+from aftray.config import ConfigError, InputError, load_config
 from aftray.run.console import log_to_file, quiet_ray_data, setup_logging
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -25,14 +25,15 @@ def default_preset() -> Path:
     return CONFIGS / ("gsm8k_gpu.yaml" if has_gpu and has_vllm else "words_cpu.yaml")
 
 
-def _load(path, overrides):
-    try:
-        return load_config(path, overrides)
-    except ConfigError as err:  # config errors are the user's to fix: no traceback
-        sys.exit(f"config error: {err}")
-
-
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run_command(argv)
+    except InputError as err:  # the user's to fix (a config key, a model path, a data file): no traceback
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        sys.exit(f"{kind}: {' '.join(str(err).split())}")
+
+
+def run_command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="aftray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the AFT loop (offline or online) from a preset")
@@ -54,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.config)
         args.config = None
     config = args.config or default_preset()
-    cfg = _load(config, args.overrides)
-    # Ray, torch and the loop load only now: a bad config or a typo in a key fails in well under a second
+    cfg = load_config(config, args.overrides)
+    # Ray, torch and the loop load only now: a bad config or a typo in a key fails in well under a second; a
+    # missing model or data file fails before Ray starts (the task and the model are read first)
     from aftray import commands
     from aftray.loop.rounds import run_loop
 

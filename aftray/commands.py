@@ -8,7 +8,7 @@ from pathlib import Path
 import ray
 
 from aftray.cluster import start_ray
-from aftray.config import Config
+from aftray.config import Config, MissingInputError
 from aftray.loop.evaluate import greedy_accuracy
 from aftray.loop.pipeline import sample_groups
 from aftray.models import load_tokenizer
@@ -18,6 +18,8 @@ from aftray.tasks import load_task
 
 
 def _checkpoint_pool(cfg: Config, checkpoint: str):
+    if not Path(checkpoint).is_dir():
+        raise MissingInputError(f"{checkpoint}: not a folder (expected an HF checkpoint folder)")
     task = load_task(cfg.task)
     tokenizer = load_tokenizer(checkpoint, cfg.model.trust_remote_code)
     rows = question_rows(task.test, task, tokenizer)

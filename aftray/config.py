@@ -18,8 +18,17 @@ from typing import Any, Literal, Optional
 import yaml
 
 
-class ConfigError(ValueError):
+class InputError(Exception):
+    """Bad input, the user's to fix (a config key, a model path, a data file): the command line prints the
+    message as one line, without a traceback."""
+
+
+class ConfigError(InputError, ValueError):
     """A config problem, phrased as `<key>: <what was expected>, got <what was found>`."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder the config points at (a model, a task's data) is not there: `<what>: <why>`."""
 
 
 # `loss.name`: the objectives aftray.train.losses.OBJECTIVES implements (tests/test_losses.py checks they agree)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from aftray.config import ModelConfig, TinyModelConfig
+from aftray.config import MissingInputError, ModelConfig, TinyModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,16 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
         return build_tiny_model(cfg.tiny, cache_dir())
     if Path(name).is_dir():
         return Path(name).absolute()
+    if Path(name).is_absolute() or name.startswith((".", "~")) or Path(name).exists():
+        raise MissingInputError(f"model.name_or_path: {name!r} is not a folder (expected an HF model folder, "
+                                "a hub id or 'tiny')")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as err:  # offline (HF_HUB_OFFLINE=1), unreachable hub, unknown id
         if name not in GGUF_FALLBACKS:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"model.name_or_path: '{name}' is neither a local folder nor reachable on the hub ({err}); "
                 f"offline fallbacks exist for: {', '.join(GGUF_FALLBACKS)}, or use 'tiny'") from None
         log.info("hub unreachable for %s (%s); using the GGUF fallback", name, type(err).__name__)

@@ -28,6 +28,7 @@ from aftray.rollout import RolloutPool, SamplingParams, derive_seed, question_ro
 from aftray.rollout.pool import make_engine
 from aftray.rollout.vllm_engine import stage_checkpoint
 from aftray.tasks import load_task
+from aftray.weights import put_weights
 
 ROUND = 1
 OUT = Path(__file__).parent / "results" / "rollout.json"
@@ -118,6 +119,8 @@ def main() -> None:
     for name, kind, over in [("hf", "hf", {}), ("vllm_fp32", "vllm", {"dtype": "float32"}),
                              ("vllm_fp32_compiled", "vllm", {"dtype": "float32", "enforce_eager": False}),
                              ("vllm_bf16", "vllm", {"dtype": "bfloat16"})]:
+        if name == "vllm_fp32_compiled":  # one in-process engine core per process: the others get their own
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         engines[name], startup[name] = timed(make_engine, kind, path,
                                              replace(cfg, engine=kind, vllm=replace(cfg.vllm, **over)))
         in_process(engines[name], batches[:1], replace(params, max_new_tokens=2))  # first forward pass
@@ -181,7 +184,7 @@ def main() -> None:
     first = pool.refresh(path, 100)  # a run's first refresh: the first reload after the engine's start-up
     for i in range(args.repeats):
         folder.append(pool.refresh(path, 2 * i + 1))
-        store.append(pool.refresh(state, 2 * i + 2))
+        store.append(timed(lambda v: pool.refresh(put_weights(state), v), 2 * i + 2)[1])  # the put counts too
     pool.shutdown()
     results["refresh_smollm2_s"] = {"first_checkpoint_folder": round(first, 3),
                                     "checkpoint_folder": round(statistics.median(folder), 3),

@@ -1,5 +1,6 @@
-"""What a training stage costs besides its optimizer steps: a Ray Train run per stage (`train_stage`, the
-baseline) against one long-lived worker group for all stages (`TrainService`, what the loop uses).
+"""What a training stage costs besides its optimizer steps: a Ray Train run per stage (benchmarks/train.py's
+`train_stage`, the baseline) against one long-lived worker group for all stages (`TrainService`, what the loop
+uses).
 
 Both arms run the same N align stages in this process, on the same local Ray: each stage starts from the
 previous stage's weights and takes --steps optimizer steps on the same random groups (tiny Llama, 2 workers,
@@ -23,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train import RESULTS, make_groups  # noqa: E402  (benchmarks/train.py)
+from train import RESULTS, make_groups, train_stage  # noqa: E402  (benchmarks/train.py)
 
 from aftray.config import LossConfig, ModelConfig, TinyModelConfig, TrainConfig  # noqa: E402
 from aftray.models import resolve_model_path  # noqa: E402
@@ -53,7 +54,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from aftray.train.service import TrainService, train_stage
+    from aftray.train.service import TrainService
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     model_path = resolve_model_path(ModelConfig(name_or_path="tiny", tiny=TinyModelConfig(

@@ -3,8 +3,8 @@
 CPU (default) runs each arm in a fresh process, so each peak RSS is its own; every process or worker gets
 --threads threads (default 1: on a shared machine, OpenMP threads that wait on a preempted sibling burn CPU):
   plain     a hand-written PyTorch loop in one process (AdamW, clipping, the same micro-batches and loss)
-  ds_local  the aftray loop under DeepSpeed without Ray (`train_stage_local`), one process
-  ray_1     Ray Train + DeepSpeed, 1 worker
+  ds_local  the aftray loop under DeepSpeed without Ray (`train_stage_local` here), one process
+  ray_1     Ray Train + DeepSpeed, 1 worker (`train_stage` here: a `TrainService` for one stage)
   ray_2     Ray Train + DeepSpeed, 2 workers (same global batch: each does half the micro-batches)
 Two throughputs over steps 2..N (step 1 warms up): tokens/s = tokens / wall time from the end of step 1 to the
 end of step N (Ray's per-step report included), and tokens per CPU-second of the training processes (all workers;
@@ -83,6 +83,48 @@ def throughput(history: list[dict]) -> tuple[float, float]:
             tokens / sum(h["cpu_s"] for h in history[1:]))
 
 
+def train_stage_local(stage: str, groups: list[dict] | str | Path, model_path: str | Path, stage_dir: str | Path,
+                      train, loss, *, trust_remote_code: bool = False):
+    """One stage of the aftray loop (`aftray.train.worker.run_stage`) without Ray, in this process: alone, or as
+    one rank of `torchrun` (env-var rendezvous: MASTER_ADDR/PORT, RANK, WORLD_SIZE; a process group already up
+    is reused). No mid-stage checkpoints; the final weights go to `<stage_dir>/checkpoint`. A `StageResult`."""
+    import torch
+    import torch.distributed as dist
+
+    from aftray.cluster import free_port
+    from aftray.train.stage import StageJob, StageResult
+    from aftray.train.worker import run_stage, use_device
+
+    job = StageJob.create(stage, stage, groups, model_path, stage_dir, train, loss, trust_remote_code)
+    start = time.perf_counter()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    use_device(device, train.cpus_per_worker)
+    if not dist.is_initialized():  # torchrun's env vars, or a world of one on a free port
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        out, policy = run_stage(job, device)
+        policy.engine.destroy()
+    finally:
+        dist.destroy_process_group()
+    result = StageResult.from_loop(Path(stage_dir).absolute(), out, time.perf_counter() - start)
+    if int(os.environ["RANK"]) == 0:
+        result.save()
+    return result
+
+
+def train_stage(stage: str, groups, model_path: str | Path, stage_dir: str | Path, train, loss):
+    """One stage on Ray Train workers of its own (Ray must be initialised), stopped afterwards: a `TrainService`
+    for one stage, its Ray Train run in `<stage_dir>/ray/` until the stage has finished. A `StageResult`."""
+    from aftray.train.service import TrainService
+
+    with TrainService(train, Path(stage_dir).absolute() / "ray") as service:
+        return service.train(stage, groups, model_path, stage_dir, train, loss)
+
+
 def plain_loop(groups, model_path, train, loss_cfg) -> dict:
     """The baseline: the same batches, loss and optimizer as the aftray loop, nothing else."""
     import torch
@@ -123,8 +165,6 @@ def plain_loop(groups, model_path, train, loss_cfg) -> dict:
 def run_arm(arm: str, spec: dict) -> dict:
     """One arm, in this process (called in a child process by `main`)."""
     from aftray.config import LossConfig, TrainConfig
-    from aftray.train.service import train_stage
-    from aftray.train.worker import train_stage_local
 
     groups, loss = spec["groups"], LossConfig(name=spec["loss"])
     train = TrainConfig(**spec["train"], cpus_per_worker=spec["threads"], seed=0)
@@ -290,7 +330,6 @@ def gpu_benchmark(args) -> dict:
 
     from aftray.config import LossConfig, TrainConfig
     from aftray.models import build_tiny_tokenizer, cache_dir
-    from aftray.train.worker import train_stage_local
 
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                          num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)

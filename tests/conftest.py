@@ -43,9 +43,30 @@ def ray_local(_ray_shutdown_at_exit, request):
     import ray
 
     if not ray.is_initialized():
-        hook = {"worker_process_setup_hook": "loss_off.install"} if request.config.getoption("--loss-off") else {}
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=hook)
+        start_local_ray()
     return ray
+
+
+def start_local_ray(runtime_env: dict | None = None) -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+
+
+@pytest.fixture
+def worker_faults(ray_local, tmp_path):
+    """Ray restarted so that every worker process runs tests/fault_worker.py's `install` first (a job-level
+    `worker_process_setup_hook`, as a run installs `aftray.logs.worker_setup`); yields the file that tells a
+    Ray Train worker at which step to die. The plain local Ray is back afterwards."""
+    fault_file = tmp_path / "fail_at_step"
+    tests = str(Path(__file__).parent)  # where the workers import fault_worker from
+    ray_local.shutdown()
+    start_local_ray({"worker_process_setup_hook": "fault_worker.install",
+                     "env_vars": {"AFTRAY_TEST_FAULT_FILE": str(fault_file),
+                                  "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}})
+    yield fault_file
+    ray_local.shutdown()
+    start_local_ray()
 
 
 @pytest.fixture(scope="session")

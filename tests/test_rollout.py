@@ -20,6 +20,7 @@ from aftray.models import load_model, load_tokenizer, resolve_model_path
 from aftray.rollout import RolloutPool, SamplingParams, derive_seed, make_engine, question_rows
 from aftray.rollout.pool import truncate_prompts
 from aftray.tasks import load_task
+from aftray.weights import put_weights
 
 LABELS = {"correct", "wrong_answer", "no_answer", "truncated"}
 MAX_PROMPT = 200  # tiny model: one token per character, so about half the GSM8K prompts are longer
@@ -44,11 +45,11 @@ def tokens(completions) -> list:
     return [c.token_ids for c in completions]
 
 
-def groups_by_id(pool, rows, round, answer_kind, verify=None, params=None) -> dict:
+def groups_by_id(pool, rows, round_index, answer_kind, verify=None, params=None) -> dict:
     import ray
 
     verify = verify or VerifyConfig(process="none")
-    out = sample_groups(pool, ray.data.from_items(rows), round, verify, answer_kind, params).take_all()
+    out = sample_groups(pool, ray.data.from_items(rows), round_index, verify, answer_kind, params).take_all()
     assert len(out) == len({g["id"] for g in out}), "a question came back twice"
     return {g["id"]: g for g in out}
 
@@ -242,7 +243,7 @@ def test_assessment_rescores_only_cots_of_other_weights(tiny_pool, tiny_rows, ta
 
 def test_pool_monte_carlo_continuations(tiny_pool, tiny_rows, task):
     prefixes = [tiny_rows[0]["prompt"] + "First, ", tiny_rows[1]["prompt"] + "We know"]
-    fn = tiny_pool.continuations(round=1)
+    fn = tiny_pool.continuation_sampler(round_index=1)
     conts = fn(prefixes, 3)
     assert [len(c) for c in conts] == [3, 3] and all(isinstance(t, str) for c in conts for t in c)
     assert fn(prefixes, 3) == conts  # seeded by (round, prefix)
@@ -254,15 +255,15 @@ def test_pool_monte_carlo_continuations(tiny_pool, tiny_rows, task):
 
 
 def test_pool_refresh_in_place(tiny_pool, tiny_rows, task, tiny_model_path):
-    def greedy(round):
-        groups = groups_by_id(tiny_pool, tiny_rows, round, task.answer_kind, params=GREEDY)
+    def greedy(round_index):
+        groups = groups_by_id(tiny_pool, tiny_rows, round_index, task.answer_kind, params=GREEDY)
         return {i: (g["cot_ids"][0], g["weights_version"]) for i, g in groups.items()}
 
     pids = tiny_pool.engine_pids()
     start = tiny_pool.version
     before = greedy(10)
     weights = other_weights(tiny_model_path)
-    seconds = tiny_pool.refresh(weights, start + 1)  # state dict, via the object store
+    seconds = tiny_pool.refresh(put_weights(weights), start + 1)  # a state dict, via the object store
     after = greedy(11)
     assert 0 < seconds < 30 and tiny_pool.version == start + 1
     assert all(v == start + 1 for _, v in after.values())
@@ -310,7 +311,7 @@ def test_pool_smollm2(ray_local, task):
         before = {i: g["cot_ids"][0] for i, g in groups_by_id(pool, rows, 2, task.answer_kind,
                                                                params=GREEDY).items()}
         state = {n: p.detach() * 1.05 for n, p in load_model(path).named_parameters()}
-        seconds = pool.refresh(state, 1)
+        seconds = pool.refresh(put_weights(state), 1)
         after = groups_by_id(pool, rows, 3, task.answer_kind, params=GREEDY)
         assert pool.version == 1 and all(g["weights_version"] == 1 for g in after.values())
         assert any(after[i]["cot_ids"][0] != c for i, c in before.items())
@@ -326,7 +327,7 @@ def test_engine_killed_mid_round(ray_local, tiny_model_path, task, engine):
     pool = RolloutPool(config(engine=engine, num_actors=1, batch_size=1, max_new_tokens=48), tiny_model_path)
     try:
         # weights v1 first: the restarted process starts from the initial model and must reload v1
-        pool.refresh(other_weights(tiny_model_path), 1)
+        pool.refresh(put_weights(other_weights(tiny_model_path)), 1)
         expected = groups_by_id(pool, rows, 1, task.answer_kind)
         done = pool.metrics(1)["num_batches"]
         (pid,) = pool.engine_pids()

@@ -2,9 +2,7 @@
 (ZeRO 0 and 2) kept for several stages: loss goes down, checkpoints reload in transformers with the trained
 weights' logits, and a killed worker is restarted from the last checkpoint and the stage ends with the same
 number of steps."""
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,12 +11,6 @@ import torch
 from aftray.config import LossConfig, TrainConfig, VftConfig
 from aftray.rows import group_row
 from aftray.train.worker import lr_at, step_groups
-
-# Ray Train workers run tests/fault_worker.py first (it reads AFTRAY_TEST_FAULT_FILE); they inherit the environment of the
-# Ray started by the tests.
-FAULT_FILE = Path(tempfile.mkdtemp(prefix="aftray-fault-")) / "fail_at_step"
-os.environ.update(AFTRAY_WORKER_SETUP=str(Path(__file__).with_name("fault_worker.py")),
-                  AFTRAY_TEST_FAULT_FILE=str(FAULT_FILE))
 
 
 def make_groups(tokenizer, n: int = 8, seed: int = 0) -> list[dict]:
@@ -174,7 +166,7 @@ def test_local_stage_without_ray(tmp_path, tiny_model_path, monkeypatch):
 
     from aftray.models import load_model, load_tokenizer
     from aftray.train.stage import StageResult
-    from aftray.train.worker import train_stage_local
+    from benchmarks.train import train_stage_local
 
     def no_compile(name, *args, **kwargs):
         raise AssertionError(f"a C++ build of {name} in a training stage")
@@ -238,7 +230,7 @@ def test_train_service_keeps_the_policy_between_stages(ray_local, tmp_path, tiny
     tokenizer = load_tokenizer(tiny_model_path)
     train = small_train(zero_stage=zero_stage, checkpoint_every=3, min_lr_ratio=0.0)
     loss = LossConfig(name="aft_bc")
-    with TrainService(train, tmp_path / "ray", keep_state=True) as service:
+    with TrainService(train, tmp_path / "ray") as service:
         first = service.train("align", make_groups(tokenizer), tiny_model_path, tmp_path / "a", train, loss,
                               name="a", schedule=(0, 12))
         second = service.train("align", make_groups(tokenizer), "/nonexistent", tmp_path / "b", train, loss,
@@ -251,6 +243,10 @@ def test_train_service_keeps_the_policy_between_stages(ray_local, tmp_path, tiny
         # the weights the third pushed (owned by its workers: read while they live) are those they trained
         from aftray.weights import from_payload
         pushed = from_payload(ray.get(third.weights[0]))
+        # the third's mid-stage checkpoint (the run keeps the latest only), read before the service removes it
+        mid = tmp_path / "ray" / "train" / "c_step_000003"
+        exported = load_model(mid)
+        mid_weights = trained_weights(mid, zero_stage)
     losses = [h["loss"] for h in first.history]
     assert [h["step"] for h in first.history] == list(range(1, 7)) and first.metrics["restarts"] == []
     assert losses[-1] < losses[0] and first.metrics["steps"] == 6
@@ -268,10 +264,8 @@ def test_train_service_keeps_the_policy_between_stages(ray_local, tmp_path, tiny
     assert third.checkpoint is None and third.weights is not None  # pushed, not saved
     assert third.history[0]["lr"] == lr_at(0, 6, train)  # a new optimizer: warm-up again
 
-    mid = tmp_path / "ray" / "train" / "c_step_000003"  # the run keeps the latest checkpoint only
-    exported = load_model(mid)
     trained = load_model(tiny_model_path)
-    missing, unexpected = trained.load_state_dict(trained_weights(mid, zero_stage), strict=False)
+    missing, unexpected = trained.load_state_dict(mid_weights, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
     assert torch.equal(logits(exported, tokenizer), logits(trained, tokenizer))
     for result in (first, second):
@@ -284,7 +278,7 @@ def test_train_service_keeps_the_policy_between_stages(ray_local, tmp_path, tiny
 
 
 @pytest.mark.slow
-def test_ray_stage_resumes_after_a_worker_dies(ray_local, tmp_path, tiny_model_path):
+def test_ray_stage_resumes_after_a_worker_dies(worker_faults, tmp_path, tiny_model_path):
     """A worker dies in the second stage, which continues the first: the restarted group skips the finished
     first stage and resumes the second from its last mid-stage checkpoint (model and optimizer); it ends with
     the same number of steps, and the restarted group keeps it for the third."""
@@ -297,12 +291,12 @@ def test_ray_stage_resumes_after_a_worker_dies(ray_local, tmp_path, tiny_model_p
     with TrainService(train, tmp_path / "ray") as service:
         first = service.train("align", make_groups(tokenizer), tiny_model_path, tmp_path / "a", train, loss,
                               name="a")
-        FAULT_FILE.write_text("4")  # rank 1 exits instead of reporting step 4's checkpoint: the last is step 2
+        worker_faults.write_text("4")  # rank 1 exits instead of reporting step 4's checkpoint: the last is step 2
         second = service.train("align", make_groups(tokenizer), "/nonexistent", tmp_path / "b", train, loss,
                                name="b", init="continue", after="a")
         third = service.train("align", make_groups(tokenizer), "/nonexistent", tmp_path / "c", train, loss,
                               name="c", init="continue", after="b")
-    assert not FAULT_FILE.exists()  # the fault fired
+    assert not worker_faults.exists()  # the fault fired
     assert first.metrics["restarts"] == [] and second.metrics["restarts"] == [2]
     assert second.metrics["steps"] == 6 and [h["step"] for h in second.history] == list(range(1, 7))
     assert second.metrics["worker_pids"] != first.metrics["worker_pids"]  # a new worker group
@@ -312,9 +306,10 @@ def test_ray_stage_resumes_after_a_worker_dies(ray_local, tmp_path, tiny_model_p
 
 @pytest.mark.slow
 def test_train_stage_alone(ray_local, tmp_path, tiny_model_path):
-    """`train_stage`: one stage on workers of its own, stopped afterwards; a finished stage is not redone."""
+    """A service for one stage (benchmarks/train.py's `train_stage`): stopped afterwards, its Ray Train run
+    removed; a finished stage is not redone."""
     from aftray.models import load_tokenizer
-    from aftray.train.service import train_stage
+    from benchmarks.train import train_stage
 
     tokenizer = load_tokenizer(tiny_model_path)
     train = small_train(num_workers=1)

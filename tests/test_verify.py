@@ -14,7 +14,7 @@ from aftray.config import VerifyConfig
 from aftray.verify import (arith_process_score, extract_answer, is_correct, mc_step_values, rank_cots,
                            verify_group)
 from aftray.tasks.answers import extract_choice, extract_number, format_number, parse_number
-from aftray.verify.process import check_equation, evaluate, step_checks, step_spans
+from aftray.verify.process import check_equation, evaluate_arithmetic, step_checks, step_spans
 
 AQUA = ["32400", "6000", "600", "60000", "10"]
 
@@ -117,12 +117,12 @@ def test_check_equation(lhs, rhs, expected):
     assert check_equation(lhs, rhs) is expected
 
 
-def test_evaluate_counts_binary_operators():
-    assert evaluate("-(2+3)*4") == (-20, 2)
+def test_evaluate_arithmetic_counts_binary_operators():
+    assert evaluate_arithmetic("-(2+3)*4") == (-20, 2)
     with pytest.raises(ZeroDivisionError):
-        evaluate("1/(2-2)")
+        evaluate_arithmetic("1/(2-2)")
     with pytest.raises(ValueError):
-        evaluate("os.system('x')")
+        evaluate_arithmetic("os.system('x')")
 
 
 def test_step_spans_split_lines_and_sentences_not_decimals():
@@ -193,12 +193,12 @@ def _extend_correctly(prefixes, m):
 def test_mc_step_values_one_batched_call():
     calls = []
 
-    def continue_fn(prefixes, m):
+    def sample_continuations(prefixes, m):
         calls.append((list(prefixes), m))
         return _extend_correctly(prefixes, m)
 
     cots = ["43-26=17. 17+30=47. 47+28=75. #### 75", "43-26=18. 18+30=48. #### 48", "#### 75"]
-    values = mc_step_values("Q: ", cots, "75", "number", continue_fn, m=3)
+    values = mc_step_values("Q: ", cots, "75", "number", sample_continuations, m=3)
     assert len(calls) == 1 and calls[0][1] == 3
     assert calls[0][0][0] == "Q: 43-26=17." and len(calls[0][0]) == 3 + 2 + 0
     assert values == [[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0]]
@@ -272,10 +272,10 @@ def test_group_choice_task_uses_row_choices():
 
 
 def test_group_mc_process():
-    with pytest.raises(ValueError, match="continue_fn"):
+    with pytest.raises(ValueError, match="sample_continuations"):
         verify_group(_row(), [completion("#### 75")], VerifyConfig(process="mc"), "number")
     out = verify_group(_row(), [completion("43-26=17. 17+30=47. 47+28=75. #### 75"), completion("#### 3")],
-                       VerifyConfig(process="mc", mc_samples=2), "number", continue_fn=_extend_correctly)
+                       VerifyConfig(process="mc", mc_samples=2), "number", sample_continuations=_extend_correctly)
     assert out["process"] == [1.0, 0.0]
 
 

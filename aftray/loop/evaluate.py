@@ -63,7 +63,7 @@ class Evaluator:
         return [list(row["sample_logp"]) if f else [next(scored) for _ in row["cot_ids"]]
                 for row, f in zip(candidates, fresh, strict=True)]
 
-    def evaluate(self, r: int) -> dict:
+    def evaluate_round(self, r: int) -> dict:
         start = time.perf_counter()
         accuracy = self.greedy_accuracy(r)
         # an accuracy carries its denominator and its binomial standard error

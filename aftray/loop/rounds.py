@@ -213,7 +213,7 @@ class Run:
                 metrics.update(self.train(0, stage="vft"))
             with phase("sync", metrics, self.cfg.loop.rounds):
                 metrics.update(self.refresh(0))
-        metrics.update(self.evaluator.evaluate(0))
+        metrics.update(self.evaluator.evaluate_round(0))
         self.finish_round(0, metrics, time.perf_counter() - start, tracker)
 
     def run_round(self, r: int, tracker: Tracker, prefetched: dict | None = None) -> None:
@@ -245,7 +245,7 @@ class Run:
         with phase("sync", metrics, self.cfg.loop.rounds):
             metrics.update(self.refresh(r))
         if r % self.cfg.loop.eval_every == 0 or r == self.cfg.loop.rounds:
-            metrics.update(self.evaluator.evaluate(r))
+            metrics.update(self.evaluator.evaluate_round(r))
         else:
             metrics.update(NOT_EVALUATED)
         self.finish_round(r, metrics, time.perf_counter() - start, tracker)

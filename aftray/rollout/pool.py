@@ -36,7 +36,7 @@ from aftray.cluster import actor_options
 from aftray.config import RolloutConfig
 from aftray.rollout.engine import Engine, SamplingParams, derive_seed
 from aftray.rollout.questions import encode_prompt
-from aftray.weights import from_payload, put_weights
+from aftray.weights import from_payload
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,11 @@ class EngineActor:
         """The weights trainer rank 0 broadcasts, in place (`aftray.train.nccl_push`)."""
         self.engine.receive_weights(update_info, version)
 
-    def generate(self, rows: list[dict], round: int, params: SamplingParams, weights: Weights):
+    def generate(self, rows: list[dict], round_index: int, params: SamplingParams, weights: Weights):
         self.sync(weights)
         prompts, truncated = truncate_prompts([r["prompt_ids"] for r in rows], self.cfg.max_prompt_tokens)
         seeded = [params if params.seed is None else
-                  replace(params, seed=derive_seed(params.seed, round, r["id"])) for r in rows]
+                  replace(params, seed=derive_seed(params.seed, round_index, r["id"])) for r in rows]
         start = time.perf_counter()
         outs = self.engine.generate(prompts, seeded)
         stats = {"num_batches": 1, "num_questions": len(rows), "num_samples": sum(map(len, outs)),
@@ -121,15 +121,15 @@ class EngineActor:
         prompts, truncated = truncate_prompts(prompt_ids, self.cfg.max_prompt_tokens)
         return self.engine.score(prompts, cot_ids), {"truncated_prompts": truncated}
 
-    def continue_texts(self, prefixes: list[str], m: int, round: int, params: SamplingParams,
-                       weights: Weights):
+    def sample_continuations(self, prefixes: list[str], m: int, round_index: int, params: SamplingParams,
+                             weights: Weights):
         """m sampled continuations of each text prefix (prompt + partial COT), seeded by (round, prefix)."""
         self.sync(weights)
         # a prefix is a prompt plus up to a whole COT
         prompts, _ = truncate_prompts([encode_prompt(self.engine.tokenizer, p) for p in prefixes],
                                       self.cfg.max_prompt_tokens + self.cfg.max_new_tokens)
         seeded = [replace(params, n=m, seed=None if params.seed is None else
-                          derive_seed(params.seed, round, p)) for p in prefixes]
+                          derive_seed(params.seed, round_index, p)) for p in prefixes]
         start = time.perf_counter()
         outs = self.engine.generate(prompts, seeded)
         stats = {"mc_tokens": sum(len(c.token_ids) for cs in outs for c in cs),
@@ -149,58 +149,59 @@ class Router:
         self.generating: dict = defaultdict(int)  # round -> its generate calls running now
         self.since: dict = {}  # round -> when its generate calls went from none to some
 
-    async def call(self, method: str, round: int | None, *args):
+    async def call(self, method: str, round_index: int | None, *args):
         i = await self.free.get()
         timed = method == "generate"
         if timed:
-            self._generating(round, +1)
+            self._generating(round_index, +1)
         try:
             out, stats = await getattr(self.engines[i], method).remote(*args, self.weights)
         finally:
             self.free.put_nowait(i)
             if timed:
-                self._generating(round, -1)
-        self.add(round, stats)
+                self._generating(round_index, -1)
+        self.add(round_index, stats)
         return out
 
-    def _generating(self, round: int | None, delta: int) -> None:
+    def _generating(self, round_index: int | None, delta: int) -> None:
         """time_generate_s: wall time during which some engine generated for the round (the union of its
         calls' intervals, so two executions of one round do not count the gap between them)."""
-        self.generating[round] += delta
-        if delta > 0 and self.generating[round] == 1:
-            self.since[round] = time.perf_counter()
-        elif delta < 0 and self.generating[round] == 0:
-            self.stats[round]["time_generate_s"] += time.perf_counter() - self.since[round]
+        self.generating[round_index] += delta
+        if delta > 0 and self.generating[round_index] == 1:
+            self.since[round_index] = time.perf_counter()
+        elif delta < 0 and self.generating[round_index] == 0:
+            self.stats[round_index]["time_generate_s"] += time.perf_counter() - self.since[round_index]
 
-    def add(self, round: int | None, stats: dict) -> None:
+    def add(self, round_index: int | None, stats: dict) -> None:
         for k, v in stats.items():
-            self.stats[round][k] += v
+            self.stats[round_index][k] += v
 
     async def refresh(self, weights: Weights) -> None:
         self.weights = weights  # calls dispatched from now on carry it; in-flight ones finish first
         await asyncio.gather(*(e.sync.remote(weights) for e in self.engines))
 
-    def metrics(self, round: int | None) -> dict:
-        stats = {"time_generate_s": 0.0, **self.stats.get(round, {})}
+    def metrics(self, round_index: int | None) -> dict:
+        stats = {"time_generate_s": 0.0, **self.stats.get(round_index, {})}
         seconds = stats["time_generate_s"]
         return {**stats, "rollout_tokens_per_s": stats.get("rollout_tokens", 0) / seconds if seconds else 0.0}
 
 
 @dataclass
-class PoolContinuations:
-    """`continuations(prefixes, m) -> m sampled continuations per prefix`, run by the pool's engines: what
-    verify.process="mc" samples its step values with. Picklable: the Ray Data verify tasks call it."""
+class PoolContinuationSampler:
+    """A `ContinuationSampler` (`aftray.verify.process`): m sampled continuations per prefix, by the pool's
+    engines (`EngineActor.sample_continuations`): what verify.process="mc" samples its step values with.
+    Picklable: the Ray Data verify tasks call it."""
     router: Any
-    round: int
+    round_index: int
     params: SamplingParams
 
     def __call__(self, prefixes: list[str], m: int) -> list[list[str]]:
-        return ray.get(self.router.call.remote("continue_texts", self.round, prefixes, m, self.round,
-                                               self.params))
+        return ray.get(self.router.call.remote("sample_continuations", self.round_index, prefixes, m,
+                                               self.round_index, self.params))
 
 
-def _rollout_batch(batch: pa.Table, router, round: int, params: SamplingParams) -> pa.Table:
-    rows = ray.get(router.call.remote("generate", round, batch.to_pylist(), round, params))
+def _rollout_batch(batch: pa.Table, router, round_index: int, params: SamplingParams) -> pa.Table:
+    rows = ray.get(router.call.remote("generate", round_index, batch.to_pylist(), round_index, params))
     return pa.Table.from_pylist(rows)
 
 
@@ -231,7 +232,7 @@ class RolloutPool:
     def engine_pids(self) -> list[int]:
         return ray.get([e.pid.remote() for e in self._engines])
 
-    def sample(self, questions: ray.data.Dataset, round: int, params: SamplingParams | None = None,
+    def sample(self, questions: ray.data.Dataset, round_index: int, params: SamplingParams | None = None,
                batch_size: int | None = None) -> ray.data.Dataset:
         """Question rows (`question_rows` columns) with their `completions` (`Completion` dicts) and
         `weights_version`, lazily: nothing runs until the dataset is consumed, and rows stream through (never
@@ -245,41 +246,39 @@ class RolloutPool:
         return questions.map_batches(
             _rollout_batch, batch_format="pyarrow", batch_size=batch_size, num_cpus=0,
             compute=ray.data.TaskPoolStrategy(size=in_flight),
-            fn_kwargs={"router": self.router, "round": round, "params": params})
+            fn_kwargs={"router": self.router, "round_index": round_index, "params": params})
 
-    def refresh(self, weights: str | Path | dict | ray.ObjectRef, version: int) -> float:
+    def refresh(self, weights: str | Path | ray.ObjectRef, version: int) -> float:
         """New weights into every engine, in place: a ref from `aftray.weights.put_weights` (what a train
-        worker puts after its stage: `rollout.weight_sync=object_store`), a state dict (put here), or a
-        checkpoint folder (read by each engine, so on storage every engine's node sees: `folder`).
-        `version` must name these weights alone (engines skip a version they hold). Returns wall seconds."""
+        worker puts after its stage: `rollout.weight_sync=object_store`), or a checkpoint folder (read by each
+        engine, so on storage every engine's node sees: `folder`). `version` must name these weights alone
+        (engines skip a version they hold). Returns wall seconds."""
         start = time.perf_counter()
-        if isinstance(weights, (str, Path)):
-            source: str | list = str(Path(weights).absolute())
-        else:
-            source = [weights if isinstance(weights, ray.ObjectRef) else put_weights(weights)]
+        source = str(Path(weights).absolute()) if isinstance(weights, (str, Path)) else [weights]
         self._weights = Weights(version, source)
         ray.get(self.router.refresh.remote(self._weights))
         seconds = time.perf_counter() - start
         log.debug("rollout: weights v%d in %d engine(s) in %.2f s", version, len(self._engines), seconds)
         return seconds
 
-    def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]], round: int | None = None
+    def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]], round_index: int | None = None
               ) -> list[float]:
         """Summed T = 1 log-prob of each COT given its prompt, spread over the engines."""
         step = self.cfg.batch_size * self.cfg.k
-        refs = [self.router.call.remote("score", round, prompt_ids[i:i + step], cot_ids[i:i + step])
+        refs = [self.router.call.remote("score", round_index, prompt_ids[i:i + step], cot_ids[i:i + step])
                 for i in range(0, len(prompt_ids), step)]
         return [s for part in ray.get(refs) for s in part]
 
-    def continuations(self, round: int, params: SamplingParams | None = None) -> PoolContinuations:
-        return PoolContinuations(self.router, round, params or SamplingParams.from_config(self.cfg))
+    def continuation_sampler(self, round_index: int, params: SamplingParams | None = None
+                             ) -> PoolContinuationSampler:
+        return PoolContinuationSampler(self.router, round_index, params or SamplingParams.from_config(self.cfg))
 
-    def metrics(self, round: int | None) -> dict:
+    def metrics(self, round_index: int | None) -> dict:
         """Summed over the round's batches: num_batches, num_questions, num_samples, rollout_tokens,
         truncated_prompts, time_engine_s (engine busy time), time_verify_s (verify task time), mc_tokens; and
         time_generate_s (wall time during which some engine generated for the round) with
         rollout_tokens_per_s over it."""
-        return ray.get(self.router.metrics.remote(round))
+        return ray.get(self.router.metrics.remote(round_index))
 
     def shutdown(self) -> None:
         # engines free their cores first: the next pool's actors may start before these processes are gone

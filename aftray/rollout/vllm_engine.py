@@ -24,9 +24,10 @@ vLLM is an optional extra, imported only here. Choices, and why:
 - CPU: the engine core runs in the actor's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): a spawned engine
   core imports vLLM and torch again (start-up measured 40-50 s, against ~10 s in-process) and would only share
   the same cores. vLLM's distributed state is per process, and shutting one in-process engine down tears it
-  down for all, so only one engine at a time runs in-process; another one in the same process (tests, the
-  benchmark) gets its own engine-core process. On GPUs vLLM keeps its engine-core process, which overlaps
-  scheduling with the GPU's work.
+  down for all: a process holds one such engine (an `EngineActor` does). A caller that starts more in one
+  process (benchmarks/rollout.py) sets VLLM_ENABLE_V1_MULTIPROCESSING=1 for the others: they then get an
+  engine-core process of their own. On GPUs vLLM keeps its engine-core process, which overlaps scheduling with
+  the GPU's work.
 - `rollout.vllm.enforce_eager` (null: eager on CPU, CUDA graphs on GPU). Compiling on CPU measured 0 to +15 % tokens/s
   for ~50-75 s more start-up per engine, which short runs and per-arm engines do not win back.
 - CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.vllm.block_size`). The prefix cache reuses
@@ -114,7 +115,6 @@ def claim_cores(n: int) -> tuple[list[int], list]:
 
 CPU_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes (a multiple of 32)
 MAX_BATCHED_TOKENS = 16384  # tokens per engine step, raised to max_model_len where that is more (docstring)
-_in_process = weakref.WeakSet()  # the engine whose core runs in this process, if any (module docstring)
 
 
 def _shm_root() -> str:
@@ -182,9 +182,10 @@ class VLLMEngine(Engine):
             weakref.finalize(self, shutil.rmtree, served, True)
         vllm.envs.disable_envs_cache()  # an engine started in this process froze vLLM's view of the environment
         self.core_locks = [] if on_gpu else _set_cpu_threads(cfg)
-        in_process = not on_gpu and not _in_process
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
-        # a MC continuation's prompt is a prompt plus a whole COT (see EngineActor.continue_texts)
+        # on CPU the engine core runs in this process unless the caller asked for its own (module docstring)
+        self.in_process = not on_gpu and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "1"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
+        # a MC continuation's prompt is a prompt plus a whole COT (see EngineActor.sample_continuations)
         max_model_len = min(max_positions, cfg.max_prompt_tokens + 2 * cfg.max_new_tokens)
         nccl = cfg.weight_sync == "nccl"  # vLLM's NCCL weight transfer (init_weight_transfer)
         v = cfg.vllm
@@ -205,8 +206,6 @@ class VLLMEngine(Engine):
         except Exception as e:  # vLLM's own message is deep in a traceback of its engine core
             self.release_cores()
             raise RuntimeError(f"vLLM could not start model {model_path}: {type(e).__name__}: {e}") from e
-        if in_process:
-            _in_process.add(self)
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
 
@@ -279,7 +278,7 @@ class VLLMEngine(Engine):
             raise ValueError(f"weights do not match the rollout model: missing {sorted(missing)[:5]}")
         if self.tied_embed:  # the served copy is untied: its head is refreshed from the embedding
             state_dict = {**state_dict, "lm_head.weight": state_dict[self.tied_embed]}
-        if self in _in_process:
+        if self.in_process:
             # vLLM then logs "RotaryEmbedding: Failed to load weights" at each reload (to the run's log file:
             # aftray.logs): its cos/sin cache counts as a loadable tensor no checkpoint holds, so the layerwise
             # reload puts the old one back (it depends on the config alone). Harmless: the drift check reads
@@ -321,7 +320,6 @@ class VLLMEngine(Engine):
         """Stop vLLM's engine core now rather than when this object is collected, and free its cores."""
         self.llm.llm_engine.engine_core.shutdown()
         self.release_cores()
-        _in_process.discard(self)
 
     def release_cores(self) -> None:
         for f in self.core_locks:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
-from aftray.config import TaskConfig
+from aftray.config import InputError, MissingInputError, TaskConfig
 from aftray.tasks.prompts import render_prompt
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Task:
         return render_prompt(example, shots, self.answer_kind, tokenizer, self.cfg.prompt_format)
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """A bad dataset row in strict mode: `<file>:<line>: <field>: <reason>`."""
 
 
@@ -152,7 +152,7 @@ def split_rows(cfg: TaskConfig, hub: tuple[str, Optional[str], str], local: str)
             log.warning("could not load %s from the hub (%s); reading the local copy", name, e)
     path = Path(cfg.data_dir or default_data_dir()) / local
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found and {name} not reachable on the hub "
+        raise MissingInputError(f"{path}: not found and {name} not reachable on the hub "
                                 "(set task.data_dir or AFTRAY_DATA_DIR)")
     return str(path), jsonl_rows(path)
 

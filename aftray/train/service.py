@@ -82,9 +82,8 @@ class TrainService:
     train: the settings the workers are placed by (num_workers, cpus/gpus per worker, max_failures); every stage
     must ask for the same placement."""
 
-    def __init__(self, train: TrainConfig, storage: str | Path, placement_strategy: str = "PACK",
-                 keep_state: bool = False):
-        self.storage, self.keep_state = Path(storage).absolute(), keep_state
+    def __init__(self, train: TrainConfig, storage: str | Path, placement_strategy: str = "PACK"):
+        self.storage = Path(storage).absolute()
         self.scaling = scaling_config_kwargs(train, placement_strategy)
         self.max_failures = train.max_failures
         self.cpus_per_worker = train.cpus_per_worker
@@ -140,14 +139,14 @@ class TrainService:
         return out
 
     def close(self, finished: bool = True, timeout_s: float = 60.0) -> None:
-        """Let the workers return (fit ends), then drop Ray Train's run folder, unless keep_state or not
-        `finished` (after an error its checkpoints are what a re-run resumes from)."""
+        """Let the workers return (fit ends), then drop Ray Train's run folder, unless not `finished` (after an
+        error its checkpoints are what a re-run resumes from)."""
         if self.thread is not None and self.thread.is_alive():
             self.inbox.post.remote(None)
             self.thread.join(timeout_s)
             if self.thread.is_alive():
                 log.warning("train workers did not stop within %.0f s; leaving them to Ray's shutdown", timeout_s)
-        if finished and not self.keep_state:
+        if finished:
             shutil.rmtree(self.storage, ignore_errors=True)
 
     def __enter__(self) -> TrainService:
@@ -156,17 +155,3 @@ class TrainService:
     def __exit__(self, exc_type, *_) -> None:
         self.close(finished=exc_type is None)
 
-
-def train_stage(stage: str, groups, model_path: str | Path, stage_dir: str | Path, train: TrainConfig,
-                loss: LossConfig, *, trust_remote_code: bool = False, placement_strategy: str = "PACK",
-                keep_state: bool = False) -> StageResult:
-    """Train one stage on Ray Train workers of its own (Ray must be initialised); see `TrainService.train`.
-    Ray Train's run (mid-stage and end-state checkpoints) is kept in `<stage_dir>/ray/` until the stage has
-    finished.
-
-    groups: a parquet path on storage every worker's node sees (the loop's run directory), or a list of rows
-    (shipped with the job). Every worker reads all rows itself (they are token ids, small next to the model): a
-    Ray Data shard would cost seconds of dataset start-up per stage and give nothing, as every worker needs
-    the whole, identically ordered list anyway. model_path: the weights the stage starts from."""
-    with TrainService(train, Path(stage_dir).absolute() / "ray", placement_strategy, keep_state) as service:
-        return service.train(stage, groups, model_path, stage_dir, train, loss, trust_remote_code=trust_remote_code)

@@ -1,7 +1,5 @@
 """One training stage: the job a stage's workers receive (`StageJob`), the settings it trains with, and its
-result. `aftray.train.service.TrainService` runs stages on Ray Train workers kept for a whole run
-(`train_stage`: one stage on workers of its own); `aftray.train.worker.train_stage_local` runs one in this
-process, alone or under torchrun.
+result. `aftray.train.service.TrainService` runs stages on Ray Train workers kept for a whole run.
 
 Two stages use the same loop (`aftray.train.worker.run_stage`): `vft` (reference COTs only, loss "vft", the
 `vft_*` settings) and `align` (the configured objective on the sampled groups).
@@ -44,7 +42,7 @@ class StageJob:
     train: TrainConfig  # the settings it trains with (`stage_configs`)
     loss: LossConfig
     trust_remote_code: bool = False
-    on_ray: bool = False  # mid-stage checkpoints and live reports through ray.train
+    on_ray: bool = False  # mid-stage checkpoints and live reports through ray.train (False: benchmarks/train.py)
     posted_at: float = 0.0  # Unix time the driver asked for it (a worker measures its start-up from it)
     init: Literal["load", "reset", "continue"] = "load"
     after: str | None = None  # the stage whose end state "reset" and "continue" start from

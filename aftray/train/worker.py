@@ -1,13 +1,14 @@
-"""The train loop of one stage, run by every worker: a Ray Train worker, a torchrun rank, or a lone process.
+"""The train loop of one stage, run by every Ray Train worker.
 
-Under Ray, `serve` keeps a worker alive for the whole run and runs one stage per request (see
-`aftray.train.service`); without Ray, `train_stage_local` runs one. A stage (`run_stage`), top to bottom: the
-stage's group rows, in one order on every worker -> the policy (model under DeepSpeed) it starts from, as the
+`serve` keeps a worker alive for the whole run and runs one stage per request (see `aftray.train.service`);
+`run_stage` runs one in any process group (benchmarks/train.py also runs it without Ray, under torchrun or
+alone, with `StageJob.on_ray` False). A stage (`run_stage`), top to bottom: the stage's group rows, in one
+order on every worker -> the policy (model under DeepSpeed) it starts from, as the
 job's `init` says (`aftray.train.stage`): loaded, kept with a new optimizer, or kept whole -> resume ->
 optimizer steps (LR from the run's schedule, micro-batches of whole question groups, loss from `OBJECTIVES`,
 `engine.step`) -> metrics -> mid-stage checkpoints through `ray.train.report` (Ray only) -> the final weights:
 pushed to the object store, and/or written to the stage's folder with the end state (optimizer included) in
-Ray Train's storage. `import ray` happens on the Ray path only.
+Ray Train's storage. `run_stage` imports Ray only where `job.on_ray` asks for it.
 
 The resident policy. A worker keeps its DeepSpeed engine between stages, so a run's align stages after the
 first load nothing and keep Adam's moments. A worker that lost it (a restarted worker group, a resumed run)
@@ -22,8 +23,8 @@ gradient is the mean over all its groups. As the order is a function of (seed, s
 from the checkpoint of step k sees exactly the batches it would have seen and ends after the same number of
 steps.
 
-Simplifications: every worker holds all of the stage's group rows (token ids, small next to the model); the
-path without Ray has no mid-stage checkpoints.
+Simplifications: every worker holds all of the stage's group rows (token ids, small next to the model); a
+stage without Ray has no mid-stage checkpoints.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ import math
 import os
 import random
 import resource
-import runpy
 import shutil
 import tempfile
 import time
@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aftray.cluster import free_port
 from aftray.config import LossConfig, TrainConfig
 from aftray.logs import worker_setup
 from aftray.models import load_model, load_tokenizer
@@ -62,40 +61,21 @@ WEIGHTED_BY = {"pair_acc": "groups_with_both"}  # means over groups, pair accura
 REPORT_EVERY = 10
 
 
-def train_stage_local(stage: str, groups: list[dict] | str | Path, model_path: str | Path, stage_dir: str | Path,
-                      train: TrainConfig, loss: LossConfig, *, trust_remote_code: bool = False) -> StageResult:
-    """One stage without Ray, in this process: alone, or as one rank of `torchrun` (env-var rendezvous:
-    MASTER_ADDR/PORT, RANK, WORLD_SIZE). groups: a list of rows or a parquet path, read by every rank.
-    No mid-stage checkpoints; the final weights go to `<stage_dir>/checkpoint`."""
-    job = StageJob.create(stage, stage, groups, model_path, stage_dir, train, loss, trust_remote_code)
-    start = time.perf_counter()
-    device = init_distributed(job.train.cpus_per_worker)
-    try:
-        out, policy = run_stage(job, device)
-        policy.engine.destroy()
-    finally:
-        dist.destroy_process_group()
-    result = StageResult.from_loop(Path(stage_dir).absolute(), out, time.perf_counter() - start)
-    if int(os.environ["RANK"]) == 0:
-        result.save()
-    return result
-
-
 def serve(config: dict) -> None:
     """Ray Train's function on every worker of a `TrainService`: train each `StageJob` the driver posts to the
     inbox (config["inbox"], a `StageInbox` actor), in order, until it posts None. The worker process, its process
     group, `import deepspeed` and the policy (model and optimizer) are kept from one stage to the next; a
     restarted worker group skips the stages finished before and resumes the pending one from the latest
-    checkpoint (mid-stage, or the end state of the stage it continues).
-
-    $AFTRAY_WORKER_SETUP names a Python file each worker runs first (tests inject worker faults with it)."""
-    import ray  # Ray workers only: the path without Ray (`train_stage_local`, torchrun) never imports it
+    checkpoint (mid-stage, or the end state of the stage it continues)."""
+    import ray
     import ray.train
+    import ray.train.torch
 
     worker_setup()  # again: Ray Train re-configured this process's root logger when it started the worker
-    if os.environ.get("AFTRAY_WORKER_SETUP"):
-        runpy.run_path(os.environ["AFTRAY_WORKER_SETUP"])
-    device = init_distributed(config["cpus_per_worker"], on_ray=True)
+    # the GPU Ray assigned to this worker (CUDA_VISIBLE_DEVICES is set per worker, so LOCAL_RANK need not index
+    # it); Ray Train has set up the process group
+    device = ray.train.torch.get_device()
+    use_device(device, config["cpus_per_worker"])
     import deepspeed  # noqa: F401  seconds, paid here while the driver is still busy before its first stage
 
     inbox = config["inbox"]
@@ -378,26 +358,12 @@ def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job:
     return {"mean": sum(s for s, _, _ in parts) / tokens, "max": max(m for _, _, m in parts), "tokens": tokens}
 
 
-def init_distributed(cpus: float, on_ray: bool = False) -> torch.device:
-    """Join (Ray Train already set it up) or create the process group; pick this worker's device: under Ray
-    the GPU Ray assigned to it (CUDA_VISIBLE_DEVICES is set per worker, so LOCAL_RANK need not index it)."""
-    if on_ray:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-            else torch.device("cpu")
+def use_device(device: torch.device, cpus: float) -> None:
+    """Make `device` this process's current GPU; on CPU, as many torch threads as the CPUs it was given."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, int(cpus)))  # as many threads as the CPUs it was given
-    if not dist.is_initialized():  # torchrun's env vars, or a world of one on a free port
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
+        torch.set_num_threads(max(1, int(cpus)))
 
 
 def load_groups(source) -> list[dict]:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 from aftray.config import VerifyConfig
 from aftray.rows import QUESTION_COLUMNS, group_row
 from aftray.tasks.answers import extract_answer, is_correct
-from aftray.verify.process import SampleContinuations, arith_process_score, mc_step_values
+from aftray.verify.process import ContinuationSampler, arith_process_score, mc_step_values
 from aftray.verify.rank import rank_cots
 
 
@@ -25,17 +25,17 @@ def label(pred: str, gold: str, finish_reason: str, answer_kind: str) -> str:
 
 
 def verify_group(row: dict, completions: list, cfg: VerifyConfig, answer_kind: str,
-                 continue_fn: Optional[SampleContinuations] = None) -> dict[str, Any]:
+                 sample_continuations: Optional[ContinuationSampler] = None) -> dict[str, Any]:
     """Group row for one question (`aftray.rows.group_row`).
 
     `row` holds the question columns (`rows.QUESTION_COLUMNS`, copied through), `weights_version` (and
     `choices` for multiple choice); `completions` are objects with `text`, `token_ids`, `logprobs` (per
-    generated token, or None) and `finish_reason` ("stop" | "length"). `continue_fn` (the rollout engine) is
-    needed only for `cfg.process == "mc"`.
+    generated token, or None) and `finish_reason` ("stop" | "length"). `sample_continuations` (the rollout
+    engines') is needed only for `cfg.process == "mc"`.
     """
-    if cfg.process == "mc" and continue_fn is None:
-        raise ValueError("verify.process='mc' needs a continue_fn (the rollout engine) to sample "
-                         "continuations")
+    if cfg.process == "mc" and sample_continuations is None:
+        raise ValueError("verify.process='mc' needs sample_continuations (the rollout engines') to sample "
+                         "step continuations")
     kept, counts, index = [], [], {}
     for c in completions:
         key = normalize_ws(c.text)
@@ -55,8 +55,8 @@ def verify_group(row: dict, completions: list, cfg: VerifyConfig, answer_kind: s
     if cfg.process == "arith":
         process = [arith_process_score(t) for t in cots]
     elif cfg.process == "mc":
-        values = mc_step_values(row["prompt"], cots, gold, answer_kind, continue_fn, cfg.mc_samples, choices,
-                                cfg.last_number_fallback)
+        values = mc_step_values(row["prompt"], cots, gold, answer_kind, sample_continuations, cfg.mc_samples,
+                                choices, cfg.last_number_fallback)
         process = [sum(v) / len(v) for v in values]
     else:
         process = [math.nan] * len(cots)

@@ -6,7 +6,7 @@
   checkable steps whose equations are all right; NaN when no step holds a checkable equation.
 - `mc_step_values`: Monte-Carlo step values (Self-Iterative Process Feedback): step i's value is the fraction
   of M continuations sampled from the prefix c_<=i that reach the gold answer; the rollout engine is plugged
-  in as `continue_fn(prefixes, m) -> m continuations per prefix`.
+  in as a `ContinuationSampler`: `sample_continuations(prefixes, m) -> m continuations per prefix`.
 
 Checking rules (see `check_equation`): a stated result with d >= 1 decimals may be the exact value rounded or
 truncated to d places ("10/3 = 3.33" and "2/3 = 0.66" are right, "10/3 = 3.4" is not); an integer result must
@@ -56,7 +56,7 @@ def _tokenize(expr: str) -> list:
     return tokens
 
 
-def evaluate(expr: str) -> tuple[Fraction, int]:
+def evaluate_arithmetic(expr: str) -> tuple[Fraction, int]:
     """Exact value of an arithmetic expression and its number of binary operators.
 
     Raises ValueError when the text is not an expression, ZeroDivisionError on a division by zero.
@@ -113,7 +113,7 @@ def check_equation(lhs: str, rhs: str) -> Optional[bool]:
         return None
     try:
         claimed = Fraction(re.sub(r"[\s,$]", "", rhs))
-        value, binary_ops = evaluate(lhs)
+        value, binary_ops = evaluate_arithmetic(lhs)
     except (ValueError, RecursionError):  # deep parentheses hit the recursion limit: not checkable
         return None
     except ZeroDivisionError:
@@ -179,14 +179,14 @@ def arith_process_score(cot) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- Monte Carlo
-# continue_fn(prefixes, m) -> m sampled continuations per prefix (the rollout pool's: PoolContinuations)
-SampleContinuations = Callable[[list[str], int], list[list[str]]]
+# sample_continuations(prefixes, m) -> m sampled continuations per prefix (the pool's: PoolContinuationSampler)
+ContinuationSampler = Callable[[list[str], int], list[list[str]]]
 
 
 def mc_step_values(prompt: str, cots: list[str], gold: str, answer_kind: str,
-                   continue_fn: SampleContinuations, m: int, choices: Optional[list[str]] = None,
+                   sample_continuations: ContinuationSampler, m: int, choices: Optional[list[str]] = None,
                    last_number_fallback: bool = True) -> list[list[float]]:
-    """Step values of each COT from M sampled continuations per step prefix (one batched `continue_fn` call).
+    """Step values of each COT from M sampled continuations per step prefix (one `sample_continuations` call).
 
     The last step's value is the COT's own correctness (its prefix is the whole COT: nothing to sample), so a
     COT with n steps costs (n - 1) * M continuations.
@@ -200,7 +200,7 @@ def mc_step_values(prompt: str, cots: list[str], gold: str, answer_kind: str,
         for _, end in step_spans(cot[:MAX_CHARS])[:-1]:
             prefixes.append(cot[:end])
             owners.append(i)
-    continuations = continue_fn([prompt + p for p in prefixes], m) if prefixes else []
+    continuations = sample_continuations([prompt + p for p in prefixes], m) if prefixes else []
     values: list[list[float]] = [[] for _ in cots]
     for owner, prefix, conts in zip(owners, prefixes, continuations, strict=True):
         values[owner].append(sum(correct(prefix + c) for c in conts) / max(len(conts), 1))
