@@ -17,14 +17,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from aftray.loss_table import LOSS_ROWS
+
 
 class ConfigError(ValueError):
     """A config problem, phrased as `<key>: <what was expected>, got <what was found>`."""
 
 
-# `loss.name`: the objectives aftray.train.losses.OBJECTIVES implements (tests/test_losses.py checks they agree)
-LOSSES = ("vft", "rft", "aft_dc", "aft_bc", "align_none", "aft_rank_dc", "aft_rank_bc", "dpo", "dpo_bc", "rrhf",
-          "rrhf_bc", "pro", "pro_bc", "orpo", "orpo_bc")
 # Keys that were renamed or removed: an old config gets an error naming the new key, not "unknown key".
 RENAMED = {
     "train.steps_per_round": "renamed to train.steps_per_stage",
@@ -135,7 +134,7 @@ class VerifyConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "aft_bc"  # one of LOSSES
+    name: str = "aft_bc"  # a row of aftray/loss_table.py
     bc_margin: float = 0.1  # β, the BC boundary margin: B = min s_pos - bc_margin (aft_bc and every *_bc loss)
     alignment_weight: float = 1.0  # lambda in L_VFT + lambda * L_A
     vft_weight: float = 1.0
@@ -452,7 +451,7 @@ def validate(cfg: Config) -> None:
     _check(t.report_every >= 1, "train.report_every", "an integer >= 1", t.report_every)
     _check(t.vft_steps >= 0, "train.vft_steps", "an integer >= 0", t.vft_steps)
     _check(t.max_seq_len >= 8, "train.max_seq_len", "an integer >= 8", t.max_seq_len)
-    _check(lo.name in LOSSES, "loss.name", "one of " + ", ".join(sorted(LOSSES)), lo.name)
+    _check(lo.name in LOSS_ROWS, "loss.name", "one of " + ", ".join(LOSS_ROWS), lo.name)
     _check(lo.bc_margin >= 0, "loss.bc_margin", "a boundary margin >= 0", lo.bc_margin)
     _check(lo.dpo_beta > 0, "loss.dpo_beta", "a value > 0", lo.dpo_beta)
     _check(lo.alignment_weight >= 0 and lo.vft_weight >= 0, "loss.alignment_weight", "weights >= 0", lo.alignment_weight)

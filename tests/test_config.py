@@ -106,3 +106,12 @@ def test_weight_sync_auto_picks_what_the_placement_allows():
     with pytest.raises(ConfigError, match="rollout.weight_sync: expected object_store or auto when "
                                           "loop.checkpoint_every > 1"):
         load_config(None, ["rollout.weight_sync=folder", "loop.checkpoint_every=2"])
+
+
+def test_config_and_the_loss_table_import_no_torch():
+    """`loss.name` is validated against aftray/loss_table.py before anything heavy is imported."""
+    import subprocess
+    import sys
+
+    code = "import sys, aftray.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

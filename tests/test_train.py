@@ -180,6 +180,20 @@ def test_local_stage_without_ray(tmp_path, tiny_model_path, monkeypatch):
     assert not torch.equal(logits(reloaded, tokenizer), logits(load_model(tiny_model_path), tokenizer))
 
 
+def test_pure_dpo_reads_no_reference_and_has_no_vft_term(tmp_path, tiny_model_path):
+    """compare's `dpo_pure` arm, `loss.vft_weight=0`: the stage collates no reference COT (its L_VFT, reported
+    whatever the weight, is then 0) and trains on DPO's term alone."""
+    from aftray.models import load_tokenizer
+    from aftray.train.worker import train_stage_local
+
+    train = small_train(num_workers=1, steps_per_stage=4)
+    groups = make_groups(load_tokenizer(tiny_model_path))
+    result = train_stage_local("align", groups, tiny_model_path, tmp_path, train, LossConfig(name="dpo", vft_weight=0))
+    history = result.history
+    assert all(h["vft"] == 0 and h["loss"] == pytest.approx(h["alignment"]) for h in history)
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
 def trained_weights(checkpoint: Path, zero_stage: int) -> dict:
     """The trained fp32 weights as DeepSpeed holds them (not the HF export): ZeRO-0 keeps them in the module
     state, ZeRO-2 in the optimizer's partitioned master weights."""
@@ -309,3 +323,33 @@ def test_train_stage_alone(ray_local, tmp_path, tiny_model_path):
     assert result.metrics["steps"] == 2 and not (tmp_path / "ray").exists()  # one pass: 8 groups, 4 per step
     again = train_stage("vft", make_groups(tokenizer), tiny_model_path, tmp_path, train, LossConfig())
     assert again.metrics == result.metrics
+
+
+@pytest.mark.slow
+def test_a_loss_registered_in_the_driver_trains_on_ray_workers(ray_local, tmp_path, tiny_model_path, monkeypatch):
+    """A loss added in one place, here and nowhere in aftray: one row with its method, registered in this
+    process only. The stage's job carries the objective the driver resolved, so the Ray Train workers train
+    it. Its term is the negatives' mean score (pushed down), and with one group per micro-batch each step's
+    `alignment` must equal its `s_neg`: under any other loss it would not."""
+    from aftray.loss_table import LossRow
+    from aftray.models import load_tokenizer
+    from aftray.train import losses as L
+    from aftray.train.service import TrainService
+
+    def push_down(scores, positive):  # the formula, one group
+        return scores[~positive].mean()
+
+    def batched_push_down(b, cfg, constraint):  # its batched twin: [G] terms, whether each group has negatives
+        negative = b.mask & ~b.positive
+        return (b.scores * negative).sum(1) / negative.sum(1).clamp(min=1), negative.any(1)
+
+    row = LossRow("push_down", "push_down", "the negatives' mean score, pushed down")
+    monkeypatch.setitem(L.OBJECTIVES, row.name, L.Objective(row, L.Method(push_down, batched_push_down)))
+    train = small_train(num_workers=1)
+    with TrainService(train, tmp_path / "ray") as service:
+        result = service.train("align", make_groups(load_tokenizer(tiny_model_path)), tiny_model_path,
+                               tmp_path / "a", train, LossConfig(name="push_down"))
+    history = result.history
+    assert all(h["alignment"] == pytest.approx(h["s_neg"]) and h["groups_no_pairs"] == 0 for h in history)
+    assert all(h["loss"] == pytest.approx(h["vft"] + h["alignment"]) for h in history)
+    assert history[-1]["s_neg"] < history[0]["s_neg"]
