@@ -30,8 +30,9 @@ class LossRow:
     def needs_pairs(self, cfg) -> bool:
         """Whether, under `cfg` (the run's LossConfig), a group whose COTs are all right or all wrong adds
         only its reference COT (L_VFT) to the loss: its samples can then be left out of training without
-        changing the loss (rows.mixed_or_reference)."""
-        return self.pairwise and not cfg.vft_on_positives
+        changing the loss (rows.mixed_or_reference). Not with `loss.vft_weight=0`: such a group would then be
+        left with no sequence at all (a micro-batch of those has nothing to forward), so it trains whole."""
+        return self.pairwise and not cfg.vft_on_positives and cfg.vft_weight > 0
 
     def sequences_needed(self, cfg) -> tuple[bool, bool]:
         """(reference COT, sampled COTs): the sequences this loss reads under `cfg` (the run's LossConfig);

@@ -463,6 +463,7 @@ def test_needs_pairs_means_unpaired_samples_change_nothing(name):
     elif row.sequences_needed(cfg)[1]:  # vft reads no samples at all
         assert left != pytest.approx(full, rel=1e-6)
     assert not LOSS_ROWS["aft_bc"].needs_pairs(LossConfig(name="aft_bc", vft_on_positives=True))
+    assert not LOSS_ROWS["dpo"].needs_pairs(LossConfig(name="dpo", vft_weight=0))  # no reference to keep
 
 
 def test_sequences_needed():
