@@ -493,10 +493,9 @@ def _train(model, batch, name, steps, lr=3e-3):
         return history[0], L.OBJECTIVES[name](cfg, score_groups(model, batch))[1]
 
 
-def test_learning_aft_bc_raises_pair_accuracy_and_align_none_collapses_negatives():
+def _tiny_llama_and_groups():
+    """A random tiny Llama and 4 group rows of random tokens, each with 2 right and 2 wrong COTs."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from aftray.train.scores import collate_groups
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128,
@@ -510,6 +509,13 @@ def test_learning_aft_bc_raises_pair_accuracy_and_align_none_collapses_negatives
                       labels=["correct", "wrong_answer"] * 2, correct=[True, False, True, False],
                       process=[1.0] * 4, rank=[1, 2, 1, 2], counts=[1] * 4, num_sampled=4, weights_version=0)
             for i in range(4)]
+    return model, rows
+
+
+def test_learning_aft_bc_raises_pair_accuracy_and_align_none_collapses_negatives():
+    from aftray.train.scores import collate_groups
+
+    model, rows = _tiny_llama_and_groups()
     batch = collate_groups(rows, max_seq_len=64)
     bc_first, bc_last = _train(model, batch, "aft_bc", steps=12)
     _, none_last = _train(model, batch, "align_none", steps=12)
@@ -518,6 +524,28 @@ def test_learning_aft_bc_raises_pair_accuracy_and_align_none_collapses_negatives
     # unconstrained: the negatives' scores fall (further every step); BC holds them near the positives
     assert none_last["s_neg"] < bc_first["s_neg"] - 1.0 and none_last["s_neg"] < bc_last["s_neg"] - 1.5
     assert bc_last["s_neg"] > bc_first["s_neg"] - 0.5 and bc_last["s_neg_min"] > bc_last["s_pos"] - 2.0
+
+
+def test_pure_dpo_reads_no_reference_and_learns_without_a_vft_term():
+    """compare's `dpo_pure` arm, `loss.vft_weight=0`: collate leaves the reference COTs out (its L_VFT, reported
+    whatever the weight, is then 0) and the loss is DPO's term alone, which training lowers."""
+    from aftray.train.scores import collate_groups, score_groups
+
+    model, rows = _tiny_llama_and_groups()
+    cfg = LossConfig(name="dpo", vft_weight=0)
+    with_ref, with_samples = LOSS_ROWS["dpo"].sequences_needed(cfg)
+    batch = collate_groups(rows, 64, with_ref=with_ref, with_samples=with_samples)
+    assert (batch.seq_slot >= 0).all() and batch.ref_tokens.sum() == 0 and batch.mask.all()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(6):
+        loss, metrics = L.OBJECTIVES["dpo"](cfg, score_groups(model, batch))
+        history.append(metrics)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(m["vft"] == 0 and m["loss"] == pytest.approx(m["alignment"]) for m in history)
+    assert history[-1]["loss"] < history[0]["loss"] - 0.05
 
 
 def test_every_row_of_the_table_is_an_objective():

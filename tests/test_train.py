@@ -180,20 +180,6 @@ def test_local_stage_without_ray(tmp_path, tiny_model_path, monkeypatch):
     assert not torch.equal(logits(reloaded, tokenizer), logits(load_model(tiny_model_path), tokenizer))
 
 
-def test_pure_dpo_reads_no_reference_and_has_no_vft_term(tmp_path, tiny_model_path):
-    """compare's `dpo_pure` arm, `loss.vft_weight=0`: the stage collates no reference COT (its L_VFT, reported
-    whatever the weight, is then 0) and trains on DPO's term alone."""
-    from aftray.models import load_tokenizer
-    from aftray.train.worker import train_stage_local
-
-    train = small_train(num_workers=1, steps_per_stage=4)
-    groups = make_groups(load_tokenizer(tiny_model_path))
-    result = train_stage_local("align", groups, tiny_model_path, tmp_path, train, LossConfig(name="dpo", vft_weight=0))
-    history = result.history
-    assert all(h["vft"] == 0 and h["loss"] == pytest.approx(h["alignment"]) for h in history)
-    assert history[-1]["loss"] < history[0]["loss"]
-
-
 def trained_weights(checkpoint: Path, zero_stage: int) -> dict:
     """The trained fp32 weights as DeepSpeed holds them (not the HF export): ZeRO-0 keeps them in the module
     state, ZeRO-2 in the optimizer's partitioned master weights."""
@@ -345,11 +331,15 @@ def test_a_loss_registered_in_the_driver_trains_on_ray_workers(ray_local, tmp_pa
 
     row = LossRow("push_down", "push_down", "the negatives' mean score, pushed down")
     monkeypatch.setitem(L.OBJECTIVES, row.name, L.Objective(row, L.Method(push_down, batched_push_down)))
-    train = small_train(num_workers=1)
+    train, groups = small_train(num_workers=1), make_groups(load_tokenizer(tiny_model_path))
     with TrainService(train, tmp_path / "ray") as service:
-        result = service.train("align", make_groups(load_tokenizer(tiny_model_path)), tiny_model_path,
-                               tmp_path / "a", train, LossConfig(name="push_down"))
-    history = result.history
+        toy = service.train("align", groups, tiny_model_path, tmp_path / "a", train, LossConfig(name="push_down"))
+        # and pure DPO (compare's dpo_pure arm) on the same workers: no reference COT read, no VFT term
+        pure = service.train("align", groups, tiny_model_path, tmp_path / "b", train,
+                             LossConfig(name="dpo", vft_weight=0))
+    history = toy.history
     assert all(h["alignment"] == pytest.approx(h["s_neg"]) and h["groups_no_pairs"] == 0 for h in history)
     assert all(h["loss"] == pytest.approx(h["vft"] + h["alignment"]) for h in history)
     assert history[-1]["s_neg"] < history[0]["s_neg"]
+    assert all(h["vft"] == 0 and h["loss"] == pytest.approx(h["alignment"]) for h in pure.history)
+    assert pure.history[-1]["loss"] < pure.history[0]["loss"]
