@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from aftray.loss_table import LOSS_ROWS
+
 
 class InputError(Exception):
     """Bad input, the user's to fix (a config key, a model path, a data file): the command line prints the
@@ -31,9 +33,6 @@ class MissingInputError(InputError, FileNotFoundError):
     """A file or folder the config points at (a model, a task's data) is not there: `<what>: <why>`."""
 
 
-# `loss.name`: the objectives aftray.train.losses.OBJECTIVES implements (tests/test_losses.py checks they agree)
-LOSSES = ("vft", "rft", "aft_dc", "aft_bc", "align_none", "aft_rank_dc", "aft_rank_bc", "dpo", "dpo_bc", "rrhf",
-          "rrhf_bc", "pro", "pro_bc", "orpo", "orpo_bc")
 # Presets renamed after the task they run: the old name fails with the new one
 RENAMED_PRESETS = {"gsm8k_cpu.yaml": "words_cpu.yaml", "gsm8k_compare.yaml": "words_compare.yaml"}
 # Keys that were renamed or removed: an old config gets an error naming the new key, not "unknown key".
@@ -166,7 +165,7 @@ class VerifyConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "aft_bc"  # one of LOSSES
+    name: str = "aft_bc"  # a row of aftray/loss_table.py
     bc_margin: float = 0.1  # β, the BC boundary margin: B = min s_pos - bc_margin (aft_bc and every *_bc loss)
     alignment_weight: float = 1.0  # lambda in L_VFT + lambda * L_A
     vft_weight: float = 1.0
@@ -501,7 +500,7 @@ def validate(cfg: Config) -> None:
            t.checkpoint_every)
     _check(t.vft.steps >= 0, "train.vft.steps", "an integer >= 0", t.vft.steps)
     _check(t.max_seq_len >= 8, "train.max_seq_len", "an integer >= 8", t.max_seq_len)
-    _check(lo.name in LOSSES, "loss.name", "one of " + ", ".join(sorted(LOSSES)), lo.name)
+    _check(lo.name in LOSS_ROWS, "loss.name", "one of " + ", ".join(LOSS_ROWS), lo.name)
     _check(lo.bc_margin >= 0, "loss.bc_margin", "a boundary margin >= 0", lo.bc_margin)
     _check(lo.dpo_beta > 0, "loss.dpo_beta", "a value > 0", lo.dpo_beta)
     _check(lo.alignment_weight >= 0 and lo.vft_weight >= 0, "loss.alignment_weight", "weights >= 0", lo.alignment_weight)

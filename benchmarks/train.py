@@ -131,7 +131,7 @@ def plain_loop(groups, model_path, train, loss_cfg) -> dict:
 
     from aftray.models import load_model, load_tokenizer
     from aftray.train.deepspeed_config import ADAM_BETAS
-    from aftray.train.losses import OBJECTIVES, sequences_needed
+    from aftray.train.losses import OBJECTIVES
     from aftray.train.scores import collate_groups, score_groups, takes_custom_masks
     from aftray.train.worker import lr_at, step_groups
 
@@ -139,7 +139,8 @@ def plain_loop(groups, model_path, train, loss_cfg) -> dict:
     pad_id = load_tokenizer(model_path).pad_token_id
     model = load_model(model_path, train.dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay)
-    objective, (with_ref, with_samples) = OBJECTIVES[loss_cfg.name], sequences_needed(loss_cfg)
+    objective = OBJECTIVES[loss_cfg.name]
+    with_ref, with_samples = objective.row.sequences_needed(loss_cfg)
     groups = sorted(groups, key=lambda g: g["id"])
     accum = -(-train.questions_per_step // train.micro_batch_questions)
     history = []

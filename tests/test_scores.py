@@ -7,7 +7,7 @@ import torch
 
 from aftray.config import LossConfig
 from aftray.rows import group_row
-from aftray.train.losses import OBJECTIVES, sequences_needed
+from aftray.train.losses import OBJECTIVES
 from aftray.train.scores import _fit, collate_groups, logp_drift, score_groups, sequence_logps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -295,7 +295,7 @@ def test_shared_prefix_gradients_equal_unshared(name):
     model.train()
     rows = make_rows(torch.Generator().manual_seed(13), sizes=(3, 4, 2))
     cfg = LossConfig(name=name)
-    with_ref, with_samples = sequences_needed(cfg)
+    with_ref, with_samples = OBJECTIVES[name].row.sequences_needed(cfg)
     grads = []
     for shared in (False, True):
         model.zero_grad(set_to_none=True)

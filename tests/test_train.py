@@ -317,3 +317,37 @@ def test_train_stage_alone(ray_local, tmp_path, tiny_model_path):
     assert result.metrics["steps"] == 2 and not (tmp_path / "ray").exists()  # one pass: 8 groups, 4 per step
     again = train_stage("vft", make_groups(tokenizer), tiny_model_path, tmp_path, train, LossConfig())
     assert again.metrics == result.metrics
+
+
+@pytest.mark.slow
+def test_a_loss_registered_in_the_driver_trains_on_ray_workers(ray_local, tmp_path, tiny_model_path, monkeypatch):
+    """A loss added in one place, here and nowhere in aftray: one row with its method, registered in this
+    process only. The stage's job carries the objective the driver resolved, so the Ray Train workers train
+    it. Its term is the negatives' mean score (pushed down), and with one group per micro-batch each step's
+    `alignment` must equal its `s_neg`: under any other loss it would not."""
+    from aftray.loss_table import LossRow
+    from aftray.models import load_tokenizer
+    from aftray.train import losses as L
+    from aftray.train.service import TrainService
+
+    def push_down(scores, positive):  # the formula, one group
+        return scores[~positive].mean()
+
+    def batched_push_down(b, cfg, constraint):  # its batched twin: [G] terms, whether each group has negatives
+        negative = b.mask & ~b.positive
+        return (b.scores * negative).sum(1) / negative.sum(1).clamp(min=1), negative.any(1)
+
+    row = LossRow("push_down", "push_down", "the negatives' mean score, pushed down")
+    monkeypatch.setitem(L.OBJECTIVES, row.name, L.Objective(row, L.Method(push_down, batched_push_down)))
+    train, groups = small_train(num_workers=1), make_groups(load_tokenizer(tiny_model_path))
+    with TrainService(train, tmp_path / "ray") as service:
+        toy = service.train("align", groups, tiny_model_path, tmp_path / "a", train, LossConfig(name="push_down"))
+        # and pure DPO (compare's dpo_pure arm) on the same workers: no reference COT read, no VFT term
+        pure = service.train("align", groups, tiny_model_path, tmp_path / "b", train,
+                             LossConfig(name="dpo", vft_weight=0))
+    history = toy.history
+    assert all(h["alignment"] == pytest.approx(h["s_neg"]) and h["groups_no_pairs"] == 0 for h in history)
+    assert all(h["loss"] == pytest.approx(h["vft"] + h["alignment"]) for h in history)
+    assert history[-1]["s_neg"] < history[0]["s_neg"]
+    assert all(h["vft"] == 0 and h["loss"] == pytest.approx(h["alignment"]) for h in pure.history)
+    assert pure.history[-1]["loss"] < pure.history[0]["loss"]

@@ -34,6 +34,7 @@ from pathlib import Path
 from aftray.config import load_config
 from aftray.experiments.declaration import START, Declaration, check_pooling
 from aftray.experiments.stats import holm, paired_test, task_level_test
+from aftray.loss_table import LOSS_TABLE
 from aftray.loop.rounds import run_loop
 from aftray.run.rundir import read_summary, write_json
 from aftray.run.tracking import Tracker
@@ -41,15 +42,15 @@ from aftray.train.service import TrainService
 
 log = logging.getLogger("aftray")
 
-# arm label -> loss name; the order is the table's
-ARMS = {
-    "vft_continued": "vft", "rft": "rft", "aft_dc": "aft_dc", "aft_bc": "aft_bc", "aft_rank_bc": "aft_rank_bc",
-    "dpo": "dpo", "dpo_bc": "dpo_bc", "rrhf": "rrhf", "rrhf_bc": "rrhf_bc", "pro": "pro", "pro_bc": "pro_bc",
-    "orpo": "orpo", "orpo_bc": "orpo_bc", "align_none": "align_none",
+# arm label -> the overrides it runs with: one arm per loss of the table (in its order), then DPO's two other
+# VFT settings, to set the BC claim beside Iterative RPO's NLL term: pure DPO (no VFT term, the reference COT
+# unread) and DPO + NLL on the positive samples (beside the reference COT's)
+ARMS = {row.arm_label: (f"loss.name={row.name}",) for row in LOSS_TABLE} | {
+    "dpo_pure": ("loss.name=dpo", "loss.vft_weight=0"),
+    "dpo_nll": ("loss.name=dpo", "loss.vft_on_positives=true"),
 }
-# the paper's comparison (the default of jobs/compare_losses.py); PRO and ORPO arms run on request
-PAPER_ARMS = ("vft_continued", "rft", "aft_dc", "aft_bc", "aft_rank_bc", "dpo", "dpo_bc", "rrhf", "rrhf_bc",
-              "align_none")
+# the paper's comparison (the default of jobs/compare_losses.py); the other arms run on request
+PAPER_ARMS = tuple(row.arm_label for row in LOSS_TABLE if row.paper)
 TRACKED = ("accuracy", "assessment_accuracy", "mean_score_pos", "mean_score_neg", "min_score_neg", "pass_at_k")
 ALPHA = 0.05  # the confidence intervals' level (1 - ALPHA) of a comparison without a declaration
 
@@ -159,7 +160,7 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
             for name, setting in settings:
                 for arm in arms:
                     cfg = load_config(preset, seeded + setting + [f"run_name={label[arm, name]}_{_tag(t, seed)}",
-                                                                  f"loss.name={ARMS[arm]}"])
+                                                                  *ARMS[arm]])
                     _link_round_zero(base.run_dir, cfg.run_dir)
                     runs[label[arm, name]][seed] = _recorded(
                         cfg, _finished(cfg) or run_loop(cfg, parent.run_id, trainer), declaration)

@@ -8,10 +8,11 @@ Dynamic sampling (`sample_round` with `loop.min_mixed_groups`): a group whose CO
 gives the alignment term no pair, so a round keeps sampling fresh questions until it has enough mixed groups, or
 has used its questions (`loop.max_oversample` x `loop.questions_per_round`), as verl, OpenRLHF and DAPO do.
 They then drop the other groups; here samples.parquet keeps every group. Under a pairwise loss (AFT, DPO, ORPO:
-`losses.needs_pairs`) the stage trains each other group's reference COT alone (`StageJob.mixed_or_reference`):
-AFT's VFT term learns from every question, while samples without a pair, which would cost k forward and
-backward passes each and add nothing to the loss, are left out. Losses that learn from such groups (RFT from
-all-right ones, the ranked losses from rank levels) train on every group whole."""
+`aftray.loss_table.LossRow.needs_pairs`) the stage trains each other group's reference COT alone
+(`StageJob.mixed_or_reference`): AFT's VFT term learns from every question, while samples without a pair,
+which would cost k forward and backward passes each and add nothing to the loss, are left out. Losses that
+learn from such groups (RFT from all-right ones, the ranked losses from rank levels) train on every group
+whole."""
 from __future__ import annotations
 
 import math

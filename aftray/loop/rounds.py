@@ -30,6 +30,7 @@ import ray
 
 from aftray.cluster import check_cluster_fits, start_ray
 from aftray.config import Config, flatten, save_config, to_dict
+from aftray.loss_table import LOSS_ROWS
 from aftray.loop.evaluate import NOT_EVALUATED, Evaluator, sample_text
 from aftray.loop.pipeline import sample_round
 from aftray.models import load_tokenizer, resolve_model_path
@@ -41,7 +42,6 @@ from aftray.run.plots import plot_run
 from aftray.run.rundir import RunDir, write_summary
 from aftray.run.tracking import Tracker, mlflow_name
 from aftray.tasks import load_task
-from aftray.train.losses import needs_pairs
 from aftray.train.service import TrainService
 from aftray.train.stage import planned_steps
 
@@ -173,9 +173,10 @@ class Run:
             groups = self.groups.pop(r, None) or self.dir.samples_path(r)
             per_round = len(self.train_rows) if cfg.loop.mode == "offline" else cfg.loop.questions_per_round
             # dynamic sampling oversamples to find mixed groups; the others' samples add nothing to a pairwise loss
+            pairs_only = bool(cfg.loop.min_mixed_groups) and LOSS_ROWS[cfg.loss.name].needs_pairs(cfg.loss)
             options.update(init="reset" if r == 1 else "continue", after=self.stage_name(r - 1),
                            schedule=(self.align_steps, planned_steps(cfg.train, per_round, cfg.loop.rounds)),
-                           mixed_or_reference=bool(cfg.loop.min_mixed_groups) and needs_pairs(cfg.loss))
+                           mixed_or_reference=pairs_only)
         start = time.perf_counter()
         result = self.trainer.train(stage, groups, self.checkpoint_of(r - 1), self.dir.round_dir(r),
                                     cfg.train, cfg.loss, trust_remote_code=cfg.model.trust_remote_code, **options)

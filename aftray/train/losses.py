@@ -14,11 +14,13 @@ in log-sum-exp form, so scores down to -50 and 64-COT groups neither overflow no
 inside one log, so `_cuts` factorises those sums (O(K) per cut instead of O(K²)); DPO, ORPO and RRHF keep the
 [G, K, K] pair matrix.
 
-`OBJECTIVES` maps a config name to `objective(cfg: LossConfig, batch: ScoredBatch) -> (loss, metrics)`:
+`METHODS` maps each method of the loss table (aftray/loss_table.py) to its formula and batched twin, and
+`OBJECTIVES` maps each `loss.name` of that table to an `Objective`, `objective(cfg, batch) -> (loss, metrics)`:
 `loss = vft_weight * L_VFT + alignment_weight * (the method's per-group term averaged over the groups)`
-(docs/method.md §AFT — constrained alignment: L_AFT = L_VFT + λ·L_A*). Groups without pairs add 0 to that mean and are counted. L_VFT is
-the token mean over the batch's reference COTs (plus the positive samples for `rft` or `vft_on_positives`).
-Both are means over one micro-batch: gradient accumulation should use micro-batches of equal group counts.
+(docs/method.md §AFT — constrained alignment: L_AFT = L_VFT + λ·L_A*). Groups without pairs add 0 to that mean
+and are counted. L_VFT is the token mean over the batch's reference COTs (plus the positive samples for `rft` or
+`vft_on_positives`). Both are means over one micro-batch: gradient accumulation should use micro-batches of
+equal group counts. To add a loss: its formula and batched twin here, one `METHODS` entry, one table row.
 
 The +constraint baselines (docs/method.md §Baselines: "adds the BC term exp(2B − s_p − s_n) to its negatives").
 Where the term attaches is our choice (ours); it always uses the token-averaged scores s and a constant B:
@@ -35,14 +37,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import partial
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from aftray.config import LossConfig
+from aftray.loss_table import LOSS_TABLE, LossRow
 
-CONSTRAINTS = ("bc", "dc", "none")
+CONSTRAINTS = ("bc", "dc", "none", None)  # AFT's; "none" and None: no constraint (the baselines take None or "bc")
 
 
 # ---------------------------------------------------------------------------------------- shared pieces
@@ -261,7 +265,7 @@ def batched_pro(s, mask, ranks, constraint=None, bc_margin=None) -> tuple[Tensor
     _check(constraint, (None, "bc"))
     alone = torch.eye(s.shape[1], dtype=torch.bool, device=s.device) & mask[:, :, None]
     boundary = _boundary(s, _at_or_above(ranks, mask), bc_margin) if constraint == "bc" else None
-    steps, has_pairs = _cuts(s, alone, _ranked_above(ranks, mask), constraint or "none", boundary)
+    steps, has_pairs = _cuts(s, alone, _ranked_above(ranks, mask), constraint, boundary)
     return steps + _batched_sft_on_best(s, mask, ranks), has_pairs
 
 
@@ -322,98 +326,76 @@ def preference_pairs(batch: ScoredBatch, gap: float = 0.0, need_ref: bool = Fals
     return pairs
 
 
-def _method_term(method: str, b: ScoredBatch, cfg: LossConfig, constraint) -> tuple[Tensor, Tensor]:
-    """Per-group term [G] of `method` and whether each group had a pair [G]."""
-    s = b.scores
-    if method == "aft":
-        return batched_alignment(s, b.mask, b.positive, constraint, cfg.bc_margin)
-    if method == "aft_rank":
-        return batched_ranked_alignment(s, b.mask, b.ranks, constraint, cfg.bc_margin)
-    if method == "dpo":
-        pairs = preference_pairs(b, cfg.process_gap, need_ref=True)
-        return batched_dpo(b.logp, b.ref_logp, pairs, cfg.dpo_beta, constraint, cfg.bc_margin, s)
-    if method == "rrhf":
-        return batched_rrhf(s, b.mask, b.ranks, constraint, cfg.bc_margin)
-    if method == "pro":
-        return batched_pro(s, b.mask, b.ranks, constraint, cfg.bc_margin)
-    if method == "orpo":
-        return batched_orpo(s, preference_pairs(b, cfg.process_gap), cfg.orpo_lambda, constraint, cfg.bc_margin)
-    raise ValueError(f"unknown method {method!r}")
+# method -> its per-group formula and batched twin; the batched side adapted to one signature,
+# (b: ScoredBatch, cfg: LossConfig, constraint) -> (per-group term [G], whether each group had a pair [G])
+@dataclass(frozen=True)
+class Method:
+    formula: Callable[..., Tensor]
+    batched: Callable[[ScoredBatch, LossConfig, str | None], tuple[Tensor, Tensor]]
 
 
-def objective(cfg: LossConfig, batch: ScoredBatch, method: str | None = None, constraint=None,
-              vft_on_positives: bool = False) -> tuple[Tensor, dict[str, float]]:
-    """loss = vft_weight·L_VFT + alignment_weight·(per-group `method` term averaged over the batch's groups).
+METHODS = {
+    "aft": Method(alignment, lambda b, cfg, c: batched_alignment(b.scores, b.mask, b.positive, c, cfg.bc_margin)),
+    "aft_rank": Method(ranked_alignment,
+                       lambda b, cfg, c: batched_ranked_alignment(b.scores, b.mask, b.ranks, c, cfg.bc_margin)),
+    "dpo": Method(dpo, lambda b, cfg, c: batched_dpo(b.logp, b.ref_logp, preference_pairs(b, cfg.process_gap, True),
+                                                     cfg.dpo_beta, c, cfg.bc_margin, b.scores)),
+    "rrhf": Method(rrhf, lambda b, cfg, c: batched_rrhf(b.scores, b.mask, b.ranks, c, cfg.bc_margin)),
+    "pro": Method(pro, lambda b, cfg, c: batched_pro(b.scores, b.mask, b.ranks, c, cfg.bc_margin)),
+    "orpo": Method(orpo, lambda b, cfg, c: batched_orpo(b.scores, preference_pairs(b, cfg.process_gap),
+                                                        cfg.orpo_lambda, c, cfg.bc_margin)),
+}
 
+
+@dataclass(frozen=True)
+class Objective:
+    """A row of the loss table (aftray/loss_table.py) with its method: `objective(cfg, batch) -> (loss, metrics)`.
+
+    loss = vft_weight·L_VFT + alignment_weight·(per-group method term averaged over the batch's groups).
     metrics: loss; vft; alignment (the method term, with the baselines' own VFT-on-best/chosen parts);
     constraint (what BC adds to that value; DC acts on gradients only, so 0); pair_acc (the paper's
     assessment accuracy over groups with both labels: fraction of (p, n) pairs with s_p > s_n, averaged per
     group); s_pos, s_neg, s_neg_min; groups, groups_no_pairs (groups whose method term had no pair),
-    groups_with_both. Undefined values (e.g. s_neg without negatives) are NaN."""
-    b = batch.fp32()
-    s = b.scores
-    pos, neg = b.mask & b.positive, b.mask & ~b.positive
-    on_pos = pos if (vft_on_positives or cfg.vft_on_positives) else torch.zeros_like(pos)
-    l_vft = vft(torch.cat([b.vft_logp, b.logp[on_pos]]), torch.cat([b.vft_tokens, b.num_tokens[on_pos]]))
-    g = b.mask.shape[0]
-    has_method = method is not None and b.mask.shape[1] > 0  # VFT-stage rows carry no samples
-    if has_method:
-        per_group, has_pairs = _method_term(method, b, cfg, constraint)
-    else:
-        per_group, has_pairs = s.new_zeros(g), pos.any(1) & neg.any(1)
-    align = per_group.sum() / max(g, 1)
-    loss = cfg.vft_weight * l_vft + cfg.alignment_weight * align
+    groups_with_both. Undefined values (e.g. s_neg without negatives) are NaN.
 
-    with torch.no_grad():
-        bc_adds = align * 0
-        if has_method and constraint == "bc":
-            plain = "none" if method in ("aft", "aft_rank") else None
-            bc_adds = align - _method_term(method, b, cfg, plain)[0].sum() / max(g, 1)
-        both = pos.any(1) & neg.any(1)
-        pairs = pos[:, :, None] & neg[:, None, :]
-        right = (pairs & (s[:, :, None] > s[:, None, :])).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)
-        nan = s.new_tensor(float("nan"))
-        values = {
-            "loss": loss, "vft": l_vft, "alignment": align, "constraint": bc_adds,
-            "pair_acc": right[both].mean() if both.any() else nan,
-            "s_pos": s[pos].mean() if pos.any() else nan,
-            "s_neg": s[neg].mean() if neg.any() else nan,
-            "s_neg_min": s[neg].min() if neg.any() else nan,
-            "groups": s.new_tensor(g), "groups_no_pairs": (~has_pairs).sum(), "groups_with_both": both.sum(),
-        }
-        flat = torch.stack([v.detach().to(s.dtype) for v in values.values()]).tolist()  # one device sync
-    return loss, dict(zip(values, flat, strict=True))
+    A stage's job carries the objective the driver resolved (`aftray.train.stage.StageJob.objective`), so its
+    workers train exactly that, functions included (pickled by Ray)."""
+    row: LossRow
+    method: Method | None  # METHODS[row.method]; None: L_VFT alone
 
+    def __call__(self, cfg: LossConfig, batch: ScoredBatch) -> tuple[Tensor, dict[str, float]]:
+        b = batch.fp32()
+        s = b.scores
+        pos, neg = b.mask & b.positive, b.mask & ~b.positive
+        on_pos = pos if (self.row.vft_on_positives or cfg.vft_on_positives) else torch.zeros_like(pos)
+        l_vft = vft(torch.cat([b.vft_logp, b.logp[on_pos]]), torch.cat([b.vft_tokens, b.num_tokens[on_pos]]))
+        g = b.mask.shape[0]
+        has_method = self.method is not None and b.mask.shape[1] > 0  # VFT-stage rows carry no samples
+        if has_method:
+            per_group, has_pairs = self.method.batched(b, cfg, self.row.constraint)
+        else:
+            per_group, has_pairs = s.new_zeros(g), pos.any(1) & neg.any(1)
+        align = per_group.sum() / max(g, 1)
+        loss = cfg.vft_weight * l_vft + cfg.alignment_weight * align
 
-OBJECTIVES = {
-    "vft": objective,
-    "rft": partial(objective, vft_on_positives=True),  # docs/method.md §Baselines: RFT
-    "aft_dc": partial(objective, method="aft", constraint="dc"),
-    "aft_bc": partial(objective, method="aft", constraint="bc"),
-    "align_none": partial(objective, method="aft", constraint="none"),  # unconstrained L_A: it degrades
-    "aft_rank_dc": partial(objective, method="aft_rank", constraint="dc"),
-    "aft_rank_bc": partial(objective, method="aft_rank", constraint="bc"),
-    "dpo": partial(objective, method="dpo"),
-    "dpo_bc": partial(objective, method="dpo", constraint="bc"),
-    "rrhf": partial(objective, method="rrhf"),
-    "rrhf_bc": partial(objective, method="rrhf", constraint="bc"),
-    "pro": partial(objective, method="pro"),
-    "pro_bc": partial(objective, method="pro", constraint="bc"),
-    "orpo": partial(objective, method="orpo"),
-    "orpo_bc": partial(objective, method="orpo", constraint="bc"),
-}
+        with torch.no_grad():
+            bc_adds = align * 0
+            if has_method and self.row.constraint == "bc":
+                bc_adds = align - self.method.batched(b, cfg, None)[0].sum() / max(g, 1)
+            both = pos.any(1) & neg.any(1)
+            pairs = pos[:, :, None] & neg[:, None, :]
+            right = (pairs & (s[:, :, None] > s[:, None, :])).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)
+            nan = s.new_tensor(float("nan"))
+            values = {
+                "loss": loss, "vft": l_vft, "alignment": align, "constraint": bc_adds,
+                "pair_acc": right[both].mean() if both.any() else nan,
+                "s_pos": s[pos].mean() if pos.any() else nan,
+                "s_neg": s[neg].mean() if neg.any() else nan,
+                "s_neg_min": s[neg].min() if neg.any() else nan,
+                "groups": s.new_tensor(g), "groups_no_pairs": (~has_pairs).sum(), "groups_with_both": both.sum(),
+            }
+            flat = torch.stack([v.detach().to(s.dtype) for v in values.values()]).tolist()  # one device sync
+        return loss, dict(zip(values, flat, strict=True))
 
 
-# the objectives that read a group's sampled COTs only through its (positive, negative) pairs
-PAIRWISE = ("aft_dc", "aft_bc", "align_none", "dpo", "dpo_bc", "orpo", "orpo_bc")
-
-
-def needs_pairs(cfg: LossConfig) -> bool:
-    """Whether a group whose COTs are all right or all wrong adds only its reference COT (L_VFT) to the loss:
-    its samples can then be left out of training without changing the loss (rows.mixed_or_reference)."""
-    return cfg.name in PAIRWISE and not cfg.vft_on_positives
-
-
-def sequences_needed(cfg: LossConfig) -> tuple[bool, bool]:
-    """(reference COT, sampled COTs): the sequences `OBJECTIVES[cfg.name]` reads; collate skips the rest."""
-    return cfg.vft_weight > 0, cfg.name != "vft" or cfg.vft_on_positives
+OBJECTIVES = {row.name: Objective(row, METHODS[row.method] if row.method else None) for row in LOSS_TABLE}

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aftray.config import LossConfig, TrainConfig
+from aftray.train.losses import OBJECTIVES, Objective
 
 RESULT_FILE = "train_result.json"
 INITS = ("load", "reset", "continue")
@@ -41,6 +42,9 @@ class StageJob:
     out_dir: str  # where its final weights go (<stage_dir>/checkpoint) when `save_weights`
     train: TrainConfig  # the settings it trains with (`stage_configs`)
     loss: LossConfig
+    # `loss.name` resolved in the driver (its table row and method): the workers train exactly this, functions
+    # included, so a loss registered only in the driver's process trains too (tests/test_train.py)
+    objective: Objective
     trust_remote_code: bool = False
     on_ray: bool = False  # mid-stage checkpoints and live reports through ray.train (False: benchmarks/train.py)
     posted_at: float = 0.0  # Unix time the driver asked for it (a worker measures its start-up from it)
@@ -59,9 +63,12 @@ class StageJob:
                train: TrainConfig, loss: LossConfig, trust_remote_code: bool = False, on_ray: bool = False,
                **options) -> StageJob:
         train, loss = stage_configs(stage, train, loss)
+        if loss.name not in OBJECTIVES:
+            raise ValueError(f"stage {name}: loss.name: expected one of {', '.join(OBJECTIVES)}, "
+                             f"got {loss.name!r}")
         groups = str(Path(groups).absolute()) if isinstance(groups, (str, Path)) else groups
         job = cls(stage, name, groups, str(model_path), str(Path(stage_dir).absolute() / "checkpoint"), train,
-                  loss, trust_remote_code, on_ray, time.time(), **options)
+                  loss, OBJECTIVES[loss.name], trust_remote_code, on_ray, time.time(), **options)
         if job.init not in INITS or (job.init == "continue" and not job.after):
             raise ValueError(f"stage {name}: init {job.init!r} (after {job.after!r}): expected one of {INITS}, "
                              "and 'continue' names the stage it continues")

@@ -5,10 +5,10 @@
 alone, with `StageJob.on_ray` False). A stage (`run_stage`), top to bottom: the stage's group rows, in one
 order on every worker -> the policy (model under DeepSpeed) it starts from, as the
 job's `init` says (`aftray.train.stage`): loaded, kept with a new optimizer, or kept whole -> resume ->
-optimizer steps (LR from the run's schedule, micro-batches of whole question groups, loss from `OBJECTIVES`,
-`engine.step`) -> metrics -> mid-stage checkpoints through `ray.train.report` (Ray only) -> the final weights:
-pushed to the object store, and/or written to the stage's folder with the end state (optimizer included) in
-Ray Train's storage. `run_stage` imports Ray only where `job.on_ray` asks for it.
+optimizer steps (LR from the run's schedule, micro-batches of whole question groups, the loss from the job's
+`objective`, `engine.step`) -> metrics -> mid-stage checkpoints through `ray.train.report` (Ray only) -> the
+final weights: pushed to the object store, and/or written to the stage's folder with the end state (optimizer
+included) in Ray Train's storage. `run_stage` imports Ray only where `job.on_ray` asks for it.
 
 The resident policy. A worker keeps its DeepSpeed engine between stages, so a run's align stages after the
 first load nothing and keep Adam's moments. A worker that lost it (a restarted worker group, a resumed run)
@@ -49,7 +49,6 @@ from aftray.rows import TRAIN_COLUMNS, check_group_table, mixed_or_reference
 from aftray.train.checkpoint import checkpoint_state, full_state_dict, load_checkpoint, save_checkpoint
 from aftray.train.stage import StageJob, StageResult
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config, skip_shm_comm_op
-from aftray.train.losses import OBJECTIVES, sequences_needed
 from aftray.train.scores import collate_groups, logp_drift, score_groups, takes_custom_masks
 
 log = logging.getLogger("aftray")
@@ -216,8 +215,8 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
         drift = first_step_drift(engine, groups, per_step, accum, job, tokenizer.pad_token_id, device, shared) \
             if step == 0 else {}
     lap("drift_s")
-    objective = OBJECTIVES[loss_cfg.name]
-    with_ref, with_samples = sequences_needed(loss_cfg)
+    objective = job.objective
+    with_ref, with_samples = objective.row.sequences_needed(loss_cfg)
     cpu_mark = time.process_time()
     while step < total_steps:
         t0 = time.perf_counter()
