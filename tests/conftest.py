@@ -14,8 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_addoption(parser):
     parser.addoption("--loss-off", action="store_true",
-                     help="switch the loss's gradient off in every Ray worker (tests/loss_off.py): the learning "
-                          "tests must then fail")
+                     help="switch the loss's gradient off (tests/loss_off.py): the learning tests must then fail")
+
+
+def pytest_configure(config):
+    if config.getoption("--loss-off"):
+        import loss_off
+
+        loss_off.install()
 
 
 @pytest.fixture(scope="session")

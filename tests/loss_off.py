@@ -1,17 +1,24 @@
-"""`pytest --loss-off`: every training objective's loss is multiplied by 0 in each Ray worker (Ray runs `install`
-as the workers' setup hook, tests/conftest.py): its value and metrics are reported as usual, its gradient is 0,
-so no weight moves. The learning tests (the VFT stage's and the default preset's) must fail under it; the closing
-notes quote such a run."""
+"""`pytest --loss-off`: every training objective's loss is multiplied by 0 (tests/conftest.py swaps them in before
+the first test; a stage's job carries its objective from the driver to the train workers). The loss and metrics
+are reported as usual, the gradient is 0, and no weight moves: the learning tests must fail under it."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WithoutGradient:
+    objective: object  # an aftray.train.losses.Objective
+
+    @property
+    def row(self):  # what the worker reads besides the call (the sequences the loss needs)
+        return self.objective.row
+
+    def __call__(self, cfg, batch):
+        loss, metrics = self.objective(cfg, batch)
+        return loss * 0, metrics
 
 
 def install() -> None:
     from aftray.train import losses
 
-    def without_gradient(objective):
-        def zeroed(cfg, batch):
-            loss, metrics = objective(cfg, batch)
-            return loss * 0, metrics
-        return zeroed
-
     for name, objective in list(losses.OBJECTIVES.items()):
-        losses.OBJECTIVES[name] = without_gradient(objective)
+        losses.OBJECTIVES[name] = WithoutGradient(objective)
