@@ -18,7 +18,14 @@ class WithoutGradient:
 
 
 def install() -> None:
+    import sys
+
+    import ray.cloudpickle
+
     from aftray.train import losses
+
+    # Ray's workers cannot import this file (tests/ is not a package on their path): ship the class by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     for name, objective in list(losses.OBJECTIVES.items()):
         losses.OBJECTIVES[name] = WithoutGradient(objective)
