@@ -103,7 +103,7 @@ def main() -> None:
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))[:args.threads]))
     cfg = RolloutConfig(engine="vllm", k=args.k, temperature=0.8, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, threads_per_actor=args.threads,
-                        cpus_per_actor=args.threads, max_prompt_tokens=512, seed=0,
+                        resources_per_actor={"CPU": args.threads}, max_prompt_tokens=512, seed=0,
                         vllm=VllmConfig(cpu_cores=cores))
     params = SamplingParams.from_config(cfg)
     batches = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]  # as the pool cuts

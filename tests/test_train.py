@@ -45,7 +45,7 @@ def make_groups(tokenizer, n: int = 8, seed: int = 0) -> list[dict]:
 
 def small_train(**overrides) -> TrainConfig:
     base = dict(lr=3e-3, warmup_steps=1, steps_per_stage=6, questions_per_step=4, micro_batch_questions=1,
-                max_seq_len=64, num_workers=2, cpus_per_worker=1, max_failures=1, seed=0)
+                max_seq_len=64, num_workers=2, resources_per_worker={"CPU": 1}, max_failures=1, seed=0)
     return TrainConfig(**{**base, **overrides})
 
 

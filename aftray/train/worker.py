@@ -231,7 +231,7 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
         step, history, restarts = restored["step"], restored["history"], restored["restarts"] + [restored["step"]]
     lap("resume_s")
 
-    shared = train.shared_prefix and takes_custom_masks(engine.module)  # else the unshared layouts
+    shared = train.layout == "shared_prefix" and takes_custom_masks(engine.module)  # else packed
     with autocast(train, device):  # the drift the training forward passes see
         drift = first_step_drift(engine, groups, per_step, accum, job, tokenizer.pad_token_id, device, shared) \
             if step == 0 else {}
@@ -248,7 +248,7 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
         parts, module_norm = [], None
         for i in range(accum):
             rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
-            batch = collate_groups(rows, train.max_seq_len, train.packing, with_ref, with_samples,
+            batch = collate_groups(rows, train.max_seq_len, train.layout != "padded", with_ref, with_samples,
                                    tokenizer.pad_token_id, shared).to(device)
             with autocast(train, device):
                 loss, metrics = objective(loss_cfg, score_groups(engine, batch))
