@@ -55,6 +55,10 @@ RENAMED = {
     "tracking.tracking_uri": "removed: set MLFLOW_TRACKING_URI (default: sqlite:///<output_dir>/mlflow.db)",
     "train.packing": "replaced by train.layout (padded, packed or shared_prefix)",
     "train.shared_prefix": "replaced by train.layout (padded, packed or shared_prefix)",
+    "train.lr_schedule": "removed: the learning rate always decays on a cosine after warmup",
+    "tracking.enabled": "replaced by tracking.experiment (null turns tracking off)",
+    "verify.last_number_fallback": "removed: an answer without '####', \\boxed{} or 'the answer is' is always "
+                                   "read as the COT's last number",
     # placement as Ray writes it: one mapping of CPU, GPU and custom resources per actor / per worker
     **{f"rollout.{k}": "replaced by rollout.resources_per_actor (e.g. {CPU: 4, GPU: 1, rollout: 1})"
        for k in ("cpus_per_actor", "gpus_per_actor", "resources")},
@@ -165,8 +169,6 @@ class RolloutConfig:
 
 @dataclass
 class VerifyConfig:
-    # an answer without the task's final-answer format ('#### N') is read as the COT's last number
-    last_number_fallback: bool = True
     process: Literal["none", "arith", "mc"] = "arith"
     mc_samples: int = 4  # M continuations per step prefix (process == "mc")
 
@@ -195,9 +197,8 @@ class VftConfig:
 @dataclass
 class TrainConfig:
     lr: float = 1e-5
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine decay after warmup, down to lr * min_lr_ratio
     warmup_steps: int = 2
-    lr_schedule: Literal["cosine", "linear"] = "cosine"  # decay after warmup, down to lr * min_lr_ratio
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     steps_per_stage: Optional[int] = None  # optimizer steps per align stage (None = one pass over its groups)
@@ -261,8 +262,7 @@ class LoopConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    experiment: str = "aftray"
+    experiment: Optional[str] = "aftray"  # the MLflow experiment; null: no tracking
 
 
 @dataclass

@@ -203,7 +203,7 @@ def check_gsm8k_job(c):
     cmd = [sys.executable, "jobs/aft_gsm8k.py", "--config", f"configs/{'gsm8k_gpu' if gpu else 'words_cpu'}.yaml",
            f"output_dir={out}", "run_name=gpu_check", f"model.name_or_path={model}", "loop.rounds=1",
            "task.num_train=64", "task.num_test=50", "loop.questions_per_round=32",
-           "tracking.enabled=false", "cluster.precheck_timeout_s=0"]
+           "tracking.experiment=null", "cluster.precheck_timeout_s=0"]
     if gpu:  # samplers and trainer share the one GPU
         cmd += ["loop.overlap=false", "rollout.num_actors=1", "rollout.k=4",
                 "rollout.resources_per_actor={CPU: 1, GPU: 0.45, rollout: 0}",

@@ -69,6 +69,8 @@ def test_yaml_file_then_overrides(tmp_path):
     ("rollout.gpus_per_actor=1", "rollout.gpus_per_actor was replaced by rollout.resources_per_actor"),
     ("train.resources.trainer=1", "train.resources was replaced by train.resources_per_worker"),
     ("train.packing=true", "train.packing was replaced by train.layout"),
+    ("train.lr_schedule=linear", "train.lr_schedule was removed: the learning rate always decays on a cosine"),
+    ("tracking.enabled=false", "tracking.enabled was replaced by tracking.experiment"),
     ("train.layout=flat", "train.layout: expected one of 'padded', 'packed', 'shared_prefix'"),
 ])
 def test_bad_values_name_the_key(override, message):

@@ -437,11 +437,11 @@ def step_groups(groups: list, step: int, per_step: int, seed: int) -> list:
 
 
 def lr_at(step: int, total_steps: int, train: TrainConfig) -> float:
-    """Linear warmup over `warmup_steps`, then cosine or linear decay to lr * min_lr_ratio at the last step."""
+    """Linear warmup over `warmup_steps`, then cosine decay to lr * min_lr_ratio at the last step."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / (train.warmup_steps + 1)
     progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - 1 - train.warmup_steps))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if train.lr_schedule == "cosine" else 1 - progress
+    decay = 0.5 * (1 + math.cos(math.pi * progress))
     return train.lr * (train.min_lr_ratio + (1 - train.min_lr_ratio) * decay)
 
 
