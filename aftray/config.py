@@ -37,8 +37,9 @@ RENAMED = {
     "task.arith.num_train": "replaced by task.num_train (arith generates max(4000, task.num_train) problems)",
     "task.arith.num_test": "replaced by task.num_test (arith generates max(500, task.num_test) test problems)",
     **{f"rollout.{k}": f"moved to rollout.vllm.{k}" for k in (
-        "tensor_parallel_size", "gpu_memory_utilization", "dtype", "kv_cache_gb", "cpu_cores", "enforce_eager",
-        "block_size")},
+        "tensor_parallel_size", "gpu_memory_utilization", "dtype", "kv_cache_gb", "cpu_cores", "block_size")},
+    "rollout.enforce_eager": "removed: vLLM runs eager on CPU and with CUDA graphs on GPU",
+    "rollout.vllm.enforce_eager": "removed: vLLM runs eager on CPU and with CUDA graphs on GPU",
     **{f"train.vft_{k}": f"moved to train.vft.{k}" for k in ("steps", "lr", "min_lr_ratio", "questions_per_step")},
     "model.cache_dir": "removed: set AFTRAY_CACHE_DIR (models go to $AFTRAY_CACHE_DIR/models)",
     "model.tiny.num_heads": "removed: the tiny model has heads of 32 dims (hidden_size / 32)",
@@ -59,6 +60,7 @@ RENAMED = {
     "tracking.enabled": "replaced by tracking.experiment (null turns tracking off)",
     "verify.last_number_fallback": "removed: an answer without '####', \\boxed{} or 'the answer is' is always "
                                    "read as the COT's last number",
+    "task.arith.distractors": "removed: no preset used it (generated problems hold only the asked person's events)",
     # placement as Ray writes it: one mapping of CPU, GPU and custom resources per actor / per worker
     **{f"rollout.{k}": "replaced by rollout.resources_per_actor (e.g. {CPU: 4, GPU: 1, rollout: 1})"
        for k in ("cpus_per_actor", "gpus_per_actor", "resources")},
@@ -89,7 +91,6 @@ class ArithConfig:
     min_steps: int = 2
     max_steps: int = 4
     max_value: int = 50
-    distractors: int = 0
     seed: Optional[int] = None  # the problems; null: the run's `seed`
     style: Literal["equations", "words"] = "equations"  # the reference COT (aftray.tasks.arith)
 
@@ -127,7 +128,6 @@ class VllmConfig:
     # unpinned. Samplers and trainers take turns in the on-policy loop, so pinned samplers sit idle while the
     # trainers use every core; with loop.overlap both run at once and auto is refused
     cpu_cores: Optional[str] = "auto"
-    enforce_eager: Optional[bool] = None  # no graph compilation; null: eager on CPU, CUDA graphs on GPU
     # KV-cache block, in tokens. Its prefix cache reuses whole blocks only, so a few-shot prefix shorter than
     # one block is recomputed for every prompt. null: 32 on CPU (the least its attention takes; vLLM's CPU default
     # is 128), vLLM's own on GPU

@@ -207,7 +207,7 @@ def check_gsm8k_job(c):
     if gpu:  # samplers and trainer share the one GPU
         cmd += ["loop.overlap=false", "rollout.num_actors=1", "rollout.k=4",
                 "rollout.resources_per_actor={CPU: 1, GPU: 0.45, rollout: 0}",
-                "rollout.vllm.gpu_memory_utilization=0.3", "rollout.max_new_tokens=256", "rollout.vllm.enforce_eager=true",
+                "rollout.vllm.gpu_memory_utilization=0.3", "rollout.max_new_tokens=256",
                 "train.num_workers=1", "train.resources_per_worker={CPU: 1, GPU: 0.45, trainer: 0}",
                 "train.questions_per_step=16"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=c.args.job_timeout)

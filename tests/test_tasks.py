@@ -228,7 +228,7 @@ def test_arith_several_valid_orders_and_reference_is_one():
 
 
 def test_arith_reference_verifies_correct_with_full_process_score():
-    task = load_task(TaskConfig(name="arith", num_train=500, num_test=100, arith=ArithConfig(distractors=2, seed=0)))
+    task = load_task(TaskConfig(name="arith", num_train=500, num_test=100, arith=ArithConfig(seed=0)))
     for e in task.train + task.test:
         assert is_correct(extract_answer(e.cot, "number"), e.answer, "number")
         assert arith_process_score(e.cot) == 1.0
@@ -236,7 +236,7 @@ def test_arith_reference_verifies_correct_with_full_process_score():
 
 
 def test_arith_knobs():
-    cfg = ArithConfig(min_steps=3, max_steps=5, max_value=20, distractors=2, seed=1)
+    cfg = ArithConfig(min_steps=3, max_steps=5, max_value=20, seed=1)
     train, test = generate(cfg, 200, 20)
     assert len(train) == 200 and len(test) == 20
     assert not {e.question for e in train} & {e.question for e in test}
@@ -244,7 +244,7 @@ def test_arith_knobs():
         _, ops = _story(e)
         assert 3 <= len(ops) <= 5 and e.cot.count("=") == len(ops)
         numbers = [int(n) for n in re.findall(r"\d+", e.question)]
-        assert max(numbers) < 20 and len(numbers) == 1 + len(ops) + 2  # start, events, two distractor facts
+        assert max(numbers) < 20 and len(numbers) == 1 + len(ops)  # the start, the events
     chars = set("".join(e.question + e.cot for e in train))
     assert len(chars) <= 50, sorted(chars)
     one_step, _ = generate(ArithConfig(min_steps=1, max_steps=1, seed=0), 20, 0)
@@ -254,7 +254,7 @@ def test_arith_knobs():
 
 
 def test_arith_words_style_draws_the_same_problems():
-    cfg = ArithConfig(distractors=1, seed=0)
+    cfg = ArithConfig(seed=0)
     equations, words = generate(cfg, 200, 20), generate(ArithConfig(**{**cfg.__dict__, "style": "words"}), 200, 20)
     for e, w in zip(equations[0] + equations[1], words[0] + words[1]):
         assert w.answer == e.answer and w.cot.endswith(f"\n#### {w.answer}")

@@ -27,8 +27,8 @@ vLLM is an optional extra, imported only here. Choices, and why:
   down for all, so only one engine at a time runs in-process; another one in the same process (tests, the
   benchmark) gets its own engine-core process. On GPUs vLLM keeps its engine-core process, which overlaps
   scheduling with the GPU's work.
-- `rollout.vllm.enforce_eager` (null: eager on CPU, CUDA graphs on GPU). Compiling on CPU measured 0 to +15 % tokens/s
-  for ~50-75 s more start-up per engine, which short runs and per-arm engines do not win back.
+- Eager on CPU, CUDA graphs on GPU. Compiling on CPU measured 0 to +15 % tokens/s for ~50-75 s more start-up per
+  engine, which short runs and per-arm engines do not win back.
 - CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.vllm.block_size`). The prefix cache reuses
   whole blocks only, and the SmolLM2 comparison's shared 1-shot prefix is 108 tokens: with 128-token blocks every
   prompt recomputed it. Greedy evaluation of its prompts measured 2.2x faster, the same tokens
@@ -197,7 +197,7 @@ class VLLMEngine(Engine):
                 block_size=v.block_size or (None if on_gpu else CPU_BLOCK_SIZE),
                 gpu_memory_utilization=v.gpu_memory_utilization,
                 kv_cache_memory_bytes=None if on_gpu else v.kv_cache_gb << 30,
-                enforce_eager=not on_gpu if v.enforce_eager is None else v.enforce_eager,
+                enforce_eager=not on_gpu,
                 tensor_parallel_size=v.tensor_parallel_size if on_gpu else 1,
                 # TP workers as processes of this actor on the GPUs Ray gave it ("ray" would ask Ray for more GPUs)
                 distributed_executor_backend="mp" if on_gpu and v.tensor_parallel_size > 1 else None,
