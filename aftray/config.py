@@ -61,6 +61,7 @@ RENAMED = {
     "verify.last_number_fallback": "removed: an answer without '####', \\boxed{} or 'the answer is' is always "
                                    "read as the COT's last number",
     "task.arith.distractors": "removed: no preset used it (generated problems hold only the asked person's events)",
+    "task.strict": "removed: a bad dataset row always raises, naming file, line and field",
     # placement as Ray writes it: one mapping of CPU, GPU and custom resources per actor / per worker
     **{f"rollout.{k}": "replaced by rollout.resources_per_actor (e.g. {CPU: 4, GPU: 1, rollout: 1})"
        for k in ("cpus_per_actor", "gpus_per_actor", "resources")},
@@ -108,7 +109,6 @@ class TaskConfig:
     # keep questions whose reference solution has at most this many steps (non-empty lines before the final
     # '####' line; a GSM8K line is one step), in both splits, before num_train / num_test cut them; null: all
     max_steps: Optional[int] = None
-    strict: bool = False  # bad dataset rows raise instead of being skipped and counted
     arith: ArithConfig = field(default_factory=ArithConfig)
 
 

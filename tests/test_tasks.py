@@ -2,7 +2,6 @@
 import itertools
 import json
 import re
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +10,7 @@ import pytest
 from aftray.config import ArithConfig, TaskConfig, VerifyConfig
 from aftray.tasks import DataError, load_task
 from aftray.tasks.arith import cot_for, generate
-from aftray.tasks.base import BadRowsWarning, hub_reachable
+from aftray.tasks.base import hub_reachable
 from aftray.tasks.gsm8k import strip_calculator
 from aftray.verify import verify_group
 from aftray.tasks.answers import extract_answer, extract_choice, is_correct, stated_letter
@@ -105,9 +104,8 @@ def test_aqua_bad_options_row(tmp_path):
     rows = [good, {**good, "options": ["B)1", "A)2"]}, {**good, "correct": "F"}]
     for name in ("dev.json", "test.json"):
         (tmp_path / "aqua_rat" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.warns(BadRowsWarning, match=r"skipped 2 bad row\(s\): line 2 \(options: .*line 3 \(correct:"):
-        task = load_task(TaskConfig(name="aqua_rat", data_dir=str(tmp_path)))
-    assert [e.answer for e in task.train] == ["B"] and task.train[0].choices == ["1", "2", "3", "4", "5"]
+    with pytest.raises(DataError, match=r"aqua_rat/dev.json:2: options: "):
+        load_task(TaskConfig(name="aqua_rat", data_dir=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------- ECQA
@@ -129,7 +127,7 @@ def test_ecqa_answer_not_an_option_is_a_bad_row(tmp_path):
     (tmp_path / "ecqa" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "ecqa" / "test.jsonl").write_text(Path(f"{FIXTURES}/ecqa/test.jsonl").read_text())
     with pytest.raises(DataError, match=r"ecqa/train.jsonl:1: q_ans: 'toaster'"):
-        load_task(TaskConfig(name="ecqa", data_dir=str(tmp_path), strict=True))
+        load_task(TaskConfig(name="ecqa", data_dir=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------- bad rows
@@ -154,24 +152,9 @@ def _gsm8k_dir(tmp_path, bad: bytes):
 
 
 @pytest.mark.parametrize("bad,reason", BAD_LINES)
-def test_bad_row_is_skipped_and_counted(tmp_path, bad, reason):
-    with pytest.warns(BadRowsWarning) as record:
-        task = load_task(TaskConfig(name="gsm8k", data_dir=_gsm8k_dir(tmp_path, bad)))
-    message = str(record[0].message)
-    assert "train.jsonl: skipped 1 bad row(s): line 2 (" + reason in message
-    assert [e.id for e in task.train] == ["gsm8k-train-1", "gsm8k-train-3"]
-
-
-@pytest.mark.parametrize("bad,reason", BAD_LINES)
-def test_bad_row_raises_in_strict_mode(tmp_path, bad, reason):
+def test_bad_row_raises_naming_file_line_and_field(tmp_path, bad, reason):
     with pytest.raises(DataError, match=re.escape("train.jsonl:2: " + reason)):
-        load_task(TaskConfig(name="gsm8k", data_dir=_gsm8k_dir(tmp_path, bad), strict=True))
-
-
-def test_clean_file_gives_no_warning(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", BadRowsWarning)
-        load_task(TaskConfig(name="gsm8k", data_dir=_gsm8k_dir(tmp_path, json.dumps(GOOD).encode())))
+        load_task(TaskConfig(name="gsm8k", data_dir=_gsm8k_dir(tmp_path, bad)))
 
 
 def test_missing_local_file_names_the_path(tmp_path):
