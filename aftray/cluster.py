@@ -3,7 +3,8 @@ can hold that.
 
 Rollout actors live for the whole run (weights are refreshed in place), and so do the Ray Train workers
 (`aftray.train.service`), so both groups must fit *at the same time*. Sharing a GPU between the phases is
-expressed with fractional requests (e.g. `rollout.gpus_per_actor=0.5`, `train.gpus_per_worker=0.5`).
+expressed with fractional requests (e.g. `rollout.resources_per_actor={GPU: 0.5}`,
+`train.resources_per_worker={GPU: 0.5}`).
 
 Without this check an impossible request does not fail: Ray keeps the actor or placement group pending and the
 job hangs. `check_cluster_fits` compares the request with the alive nodes' totals (not what is free right now:
@@ -23,7 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from aftray.config import Config, ConfigError, RolloutConfig, TrainConfig
+from aftray.config import Config, RolloutConfig, TrainConfig
 from aftray.logs import ray_runtime_env
 
 logger = logging.getLogger(__name__)
@@ -102,18 +103,15 @@ def start_ray(cfg: Config):
 
 
 # ---------------------------------------------------------------------------------------------- Ray options
-def _custom(resources: dict[str, float], key: str) -> dict[str, float]:
-    for name in resources:
-        if name in ("CPU", "GPU"):
-            raise ConfigError(f"{key}.{name}: expected a custom resource name (set CPUs/GPUs with the "
-                              f"cpus_per_*/gpus_per_* keys), got {name!r}")
-    return {k: float(v) for k, v in resources.items() if v}
+def _custom(resources: dict[str, float]) -> dict[str, float]:
+    """The custom resources of a resources_per_* mapping (Ray takes CPUs and GPUs as their own arguments)."""
+    return {k: v for k, v in resources.items() if v and k not in ("CPU", "GPU")}
 
 
 def actor_gpus(cfg: RolloutConfig) -> float:
     """GPUs one rollout actor holds: its engine's, all of them (a tensor-parallel vLLM engine runs its
-    rollout.vllm.tensor_parallel_size workers inside the actor's GPUs; the config refuses gpus_per_actor below
-    that)."""
+    rollout.vllm.tensor_parallel_size workers inside the actor's GPUs; the config refuses fewer GPUs in
+    rollout.resources_per_actor)."""
     tp = cfg.vllm.tensor_parallel_size
     return max(cfg.gpus_per_actor, float(tp)) if tp > 1 \
         else cfg.gpus_per_actor
@@ -122,13 +120,12 @@ def actor_gpus(cfg: RolloutConfig) -> float:
 def actor_options(cfg: RolloutConfig) -> dict:
     """Resource kwargs for one rollout actor: `map_batches(..., **actor_options(cfg))`, `.options(**...)`."""
     return {"num_cpus": cfg.cpus_per_actor, "num_gpus": actor_gpus(cfg),
-            "resources": _custom(cfg.resources, "rollout.resources")}
+            "resources": _custom(cfg.resources_per_actor)}
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
     """`ScalingConfig(resources_per_worker=...)` for one train worker."""
-    custom = _custom(cfg.resources, "train.resources")
-    out = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker, **custom}
+    out = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker, **_custom(cfg.resources_per_worker)}
     return {k: v for k, v in out.items() if v}
 
 
@@ -148,7 +145,7 @@ def coordinator_resources() -> dict[str, float]:
 
 def bundle_groups(cfg: Config) -> list[BundleGroup]:
     r, t = cfg.rollout, cfg.train
-    rollout = {"CPU": r.cpus_per_actor, "GPU": actor_gpus(r), **_custom(r.resources, "rollout.resources")}
+    rollout = {"CPU": r.cpus_per_actor, "GPU": actor_gpus(r), **_custom(r.resources_per_actor)}
     strategy = cfg.cluster.placement_strategy  # Ray Train's placement group; Ray Data places actors singly
     groups = [BundleGroup("rollout actors", r.num_actors, {k: v for k, v in rollout.items() if v}),
               BundleGroup("train workers", t.num_workers, worker_resources(t), strategy)]
@@ -323,7 +320,8 @@ def _fits_with_spare_cpu(cfg: Config) -> dict[str, float]:
     spare = sum(n.resources.get("CPU", 0.0) for n in cluster_nodes()) - need.get("CPU", 0.0)
     if spare < 1 - _EPS:
         logger.warning("placement: rollout actors and train workers take every CPU (%s left); Ray Data "
-                       "read/verify tasks will queue behind them. Lower cpus_per_actor/cpus_per_worker.",
+                       "read/verify tasks will queue behind them. Lower rollout.resources_per_actor.CPU / "
+                       "train.resources_per_worker.CPU.",
                        _num(max(spare, 0.0)))
     return need
 

@@ -45,8 +45,9 @@ RENAMED = {
     "task.arith.num_train": "replaced by task.num_train (arith generates max(4000, task.num_train) problems)",
     "task.arith.num_test": "replaced by task.num_test (arith generates max(500, task.num_test) test problems)",
     **{f"rollout.{k}": f"moved to rollout.vllm.{k}" for k in (
-        "tensor_parallel_size", "gpu_memory_utilization", "dtype", "kv_cache_gb", "cpu_cores", "enforce_eager",
-        "block_size")},
+        "tensor_parallel_size", "gpu_memory_utilization", "dtype", "kv_cache_gb", "cpu_cores", "block_size")},
+    "rollout.enforce_eager": "removed: vLLM runs eager on CPU and with CUDA graphs on GPU",
+    "rollout.vllm.enforce_eager": "removed: vLLM runs eager on CPU and with CUDA graphs on GPU",
     **{f"train.vft_{k}": f"moved to train.vft.{k}" for k in ("steps", "lr", "min_lr_ratio", "questions_per_step")},
     "model.cache_dir": "removed: set AFTRAY_CACHE_DIR (models go to $AFTRAY_CACHE_DIR/models)",
     "model.tiny.num_heads": "removed: the tiny model has heads of 32 dims (hidden_size / 32)",
@@ -61,6 +62,19 @@ RENAMED = {
     "loop.samples_to_log": "removed: rounds/<r>/samples.txt holds 3 COTs per label",
     "verify.dedup": "removed: COTs equal up to whitespace are always merged (their multiplicity is in counts)",
     "tracking.tracking_uri": "removed: set MLFLOW_TRACKING_URI (default: sqlite:///<output_dir>/mlflow.db)",
+    "train.packing": "replaced by train.layout (padded, packed or shared_prefix)",
+    "train.shared_prefix": "replaced by train.layout (padded, packed or shared_prefix)",
+    "train.lr_schedule": "removed: the learning rate always decays on a cosine after warmup",
+    "tracking.enabled": "replaced by tracking.experiment (null turns tracking off)",
+    "verify.last_number_fallback": "removed: an answer without '####', \\boxed{} or 'the answer is' is always "
+                                   "read as the COT's last number",
+    "task.arith.distractors": "removed: no preset used it (generated problems hold only the asked person's events)",
+    "task.strict": "removed: a bad dataset row always raises, naming file, line and field",
+    # placement as Ray writes it: one mapping of CPU, GPU and custom resources per actor / per worker
+    **{f"rollout.{k}": "replaced by rollout.resources_per_actor (e.g. {CPU: 4, GPU: 1, rollout: 1})"
+       for k in ("cpus_per_actor", "gpus_per_actor", "resources")},
+    **{f"train.{k}": "replaced by train.resources_per_worker (e.g. {CPU: 8, GPU: 1, trainer: 1})"
+       for k in ("cpus_per_worker", "gpus_per_worker", "resources")},
 }
 
 
@@ -86,7 +100,6 @@ class ArithConfig:
     min_steps: int = 2
     max_steps: int = 4
     max_value: int = 50
-    distractors: int = 0
     seed: Optional[int] = None  # the problems; null: the run's `seed`
     style: Literal["equations", "words"] = "equations"  # the reference COT (aftray.tasks.arith)
 
@@ -104,7 +117,6 @@ class TaskConfig:
     # keep questions whose reference solution has at most this many steps (non-empty lines before the final
     # '####' line; a GSM8K line is one step), in both splits, before num_train / num_test cut them; null: all
     max_steps: Optional[int] = None
-    strict: bool = False  # bad dataset rows raise instead of being skipped and counted
     arith: ArithConfig = field(default_factory=ArithConfig)
 
 
@@ -112,7 +124,7 @@ class TaskConfig:
 class VllmConfig:
     """Settings only the vLLM engine reads (rollout.engine=vllm)."""
     # GPUs one engine shards its model over (tensor parallel); the actor holds them all, so
-    # rollout.gpus_per_actor must be at least this
+    # rollout.resources_per_actor.GPU must be at least this
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5  # on GPU: fraction of the GPU's memory for weights + KV cache
     # weights' dtype. auto: float32 on CPU (the sampler's log-probs then match the fp32 trainer's, which
@@ -124,7 +136,6 @@ class VllmConfig:
     # unpinned. Samplers and trainers take turns in the on-policy loop, so pinned samplers sit idle while the
     # trainers use every core; with loop.overlap both run at once and auto is refused
     cpu_cores: Optional[str] = "auto"
-    enforce_eager: Optional[bool] = None  # no graph compilation; null: eager on CPU, CUDA graphs on GPU
     # KV-cache block, in tokens. Its prefix cache reuses whole blocks only, so a few-shot prefix shorter than
     # one block is recomputed for every prompt. null: 32 on CPU (the least its attention takes; vLLM's CPU default
     # is 128), vLLM's own on GPU
@@ -140,12 +151,12 @@ class RolloutConfig:
     max_new_tokens: int = 256
     seed: Optional[int] = None  # sampling seed, each (question, round) derives its own; null: the run's `seed`
     num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+    # Ray resources of each actor, as Ray writes them: CPU and GPU counts (fractions share a GPU; CPU 1 and GPU 0
+    # where absent) and custom resources that pin actors to the nodes carrying them, e.g. {CPU: 4, GPU: 1, rollout: 1}
+    resources_per_actor: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     threads_per_actor: int = 1  # compute threads inside each actor (torch intra-op for hf, OpenMP for vllm)
     batch_size: int = 8  # questions per engine call at k samples each (greedy calls take k times as many)
     max_prompt_tokens: int = 512  # longer prompts are left-truncated (counted: truncated_prompts)
-    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor (placement)
     # how the trained weights reach the samplers each round (docs/cluster.md). object_store: rank 0 puts the
     # state dict in Ray's object store and each engine loads it in place (any nodes, no disk); folder: each
     # engine reads the round's checkpoint folder (storage every node sees); nccl: vLLM's weight transfer from
@@ -154,11 +165,18 @@ class RolloutConfig:
     weight_sync: Literal["auto", "object_store", "nccl", "folder"] = "auto"
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
+    # read from resources_per_actor (the engines and the cluster check need the counts alone)
+    @property
+    def cpus_per_actor(self) -> float:
+        return self.resources_per_actor.get("CPU", 1.0)
+
+    @property
+    def gpus_per_actor(self) -> float:
+        return self.resources_per_actor.get("GPU", 0.0)
+
 
 @dataclass
 class VerifyConfig:
-    # an answer without the task's final-answer format ('#### N') is read as the COT's last number
-    last_number_fallback: bool = True
     process: Literal["none", "arith", "mc"] = "arith"
     mc_samples: int = 4  # M continuations per step prefix (process == "mc")
 
@@ -187,23 +205,22 @@ class VftConfig:
 @dataclass
 class TrainConfig:
     lr: float = 1e-5
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine decay after warmup, down to lr * min_lr_ratio
     warmup_steps: int = 2
-    lr_schedule: Literal["cosine", "linear"] = "cosine"  # decay after warmup, down to lr * min_lr_ratio
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     steps_per_stage: Optional[int] = None  # optimizer steps per align stage (None = one pass over its groups)
     questions_per_step: int = 8  # global batch, counted in whole question groups
     micro_batch_questions: int = 2  # groups per micro-batch per worker (gradient accumulation makes up the rest)
     max_seq_len: int = 512
-    packing: bool = False  # padding-free packed micro-batches
-    # a group's prompt forwarded once for all its COTs (aftray/train/scores.py), where the model's attention
-    # takes a 4D mask (sdpa, eager); with flash-attention or flex the unshared layout above is used
-    shared_prefix: bool = True
+    # a micro-batch's layout (aftray/train/scores.py): padded, one COT per row; packed, padding-free rows;
+    # shared_prefix, a group's prompt forwarded once for all its COTs. shared_prefix needs attention that takes
+    # a 4D mask (sdpa, eager); with flash-attention or flex it falls back to packed
+    layout: Literal["padded", "packed", "shared_prefix"] = "shared_prefix"
     num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker (placement)
+    # Ray Train's ScalingConfig(resources_per_worker=...): CPU and GPU counts (CPU 1 and GPU 0 where absent) and
+    # custom resources, e.g. {CPU: 8, GPU: 1, trainer: 1}
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     zero_stage: int = 0
     # fp32; bf16: bf16 weights with DeepSpeed's fp32 master copy (the GPU presets); amp_bf16: fp32 weights,
     # gradients and optimizer, matmuls in bf16 under autocast (CPUs with AVX512-BF16 or AMX)
@@ -216,6 +233,15 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints (0 = only at the end of a stage)
     seed: Optional[int] = None  # the order groups are trained in; null: the run's `seed`
     vft: VftConfig = field(default_factory=VftConfig)
+
+    # read from resources_per_worker (the workers set their threads from the CPU count)
+    @property
+    def cpus_per_worker(self) -> float:
+        return self.resources_per_worker.get("CPU", 1.0)
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return self.resources_per_worker.get("GPU", 0.0)
 
 
 @dataclass
@@ -244,8 +270,7 @@ class LoopConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    experiment: str = "aftray"
+    experiment: Optional[str] = "aftray"  # the MLflow experiment; null: no tracking
 
 
 @dataclass
@@ -475,11 +500,14 @@ def validate(cfg: Config) -> None:
     _check(r.num_actors >= 1, "rollout.num_actors", "an integer >= 1", r.num_actors)
     _check(r.batch_size >= 1, "rollout.batch_size", "an integer >= 1", r.batch_size)
     _check(r.threads_per_actor >= 1, "rollout.threads_per_actor", "an integer >= 1", r.threads_per_actor)
-    _check(r.cpus_per_actor >= 0 and r.gpus_per_actor >= 0, "rollout.cpus_per_actor", "resources >= 0", r.cpus_per_actor)
+    for key, res in (("rollout.resources_per_actor", r.resources_per_actor),
+                     ("train.resources_per_worker", t.resources_per_worker)):
+        for name, n in res.items():
+            _check(n >= 0, f"{key}.{name}", "a count >= 0", n)
     _check(v.tensor_parallel_size == 1 or (v.tensor_parallel_size > 1 and r.engine == "vllm"
                                             and r.gpus_per_actor >= v.tensor_parallel_size),
-           "rollout.vllm.tensor_parallel_size", f"1, or > 1 only with rollout.engine=vllm and rollout.gpus_per_actor "
-           f">= it (engine {r.engine!r}, gpus_per_actor {r.gpus_per_actor:g})", v.tensor_parallel_size)
+           "rollout.vllm.tensor_parallel_size", f"1, or > 1 only with rollout.engine=vllm and rollout.resources_per_actor"
+           f".GPU >= it (engine {r.engine!r}, GPU {r.gpus_per_actor:g})", v.tensor_parallel_size)
     _check(t.lr > 0, "train.lr", "a learning rate > 0", t.lr)
     _check(t.vft.lr is None or t.vft.lr > 0, "train.vft.lr", "a learning rate > 0", t.vft.lr)
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a value in [0, 1]", t.min_lr_ratio)
@@ -516,8 +544,8 @@ def validate(cfg: Config) -> None:
            r.weight_sync)
     on_gpus = r.engine == "vllm" and r.gpus_per_actor > 0 and t.gpus_per_worker > 0
     _check(r.weight_sync != "nccl" or on_gpus, "rollout.weight_sync", "auto, object_store or folder: nccl needs "
-           "vLLM samplers and trainers on GPUs (rollout.engine=vllm, rollout.gpus_per_actor > 0, "
-           "train.gpus_per_worker > 0)", r.weight_sync)
+           "vLLM samplers and trainers on GPUs (rollout.engine=vllm, rollout.resources_per_actor.GPU > 0, "
+           "train.resources_per_worker.GPU > 0)", r.weight_sync)
     if r.weight_sync == "auto":
         r.weight_sync = "nccl" if on_gpus else "object_store"
     _check(lp.eval_every >= 1, "loop.eval_every", "an integer >= 1 (rounds between evaluations)", lp.eval_every)

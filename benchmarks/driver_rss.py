@@ -31,7 +31,7 @@ def child(questions: int, out_dir: str) -> None:
     cfg = load_config(REPO / "configs" / "arith_cpu.yaml", [
         f"output_dir={out_dir}", "run_name=rss", f"loop.questions_per_round={questions}", "loop.rounds=2",
         "train.vft.steps=2", "train.steps_per_stage=2", "task.num_test=20",
-        "loop.assessment_questions=10", "tracking.enabled=false"])
+        "loop.assessment_questions=10", "tracking.experiment=null"])
     start = time.perf_counter()
     summary = run_loop(cfg)
     wall = time.perf_counter() - start

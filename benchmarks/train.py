@@ -150,8 +150,8 @@ def plain_loop(groups, model_path, train, loss_cfg) -> dict:
         mine, tokens, cpu0 = step_groups(groups, step, train.questions_per_step, train.seed), 0, time.process_time()
         for i in range(accum):
             rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
-            batch = collate_groups(rows, train.max_seq_len, train.packing, with_ref, with_samples, pad_id,
-                                   train.shared_prefix and takes_custom_masks(model))
+            batch = collate_groups(rows, train.max_seq_len, train.layout != "padded", with_ref, with_samples, pad_id,
+                                   train.layout == "shared_prefix" and takes_custom_masks(model))
             loss, _ = objective(loss_cfg, score_groups(model, batch))
             (loss * len(rows) / len(mine)).backward()
             tokens += batch.sequence_tokens
@@ -168,7 +168,7 @@ def run_arm(arm: str, spec: dict) -> dict:
     from aftray.config import LossConfig, TrainConfig
 
     groups, loss = spec["groups"], LossConfig(name=spec["loss"])
-    train = TrainConfig(**spec["train"], cpus_per_worker=spec["threads"], seed=0)
+    train = TrainConfig(**spec["train"], resources_per_worker={"CPU": spec["threads"]}, seed=0)
     with tempfile.TemporaryDirectory(prefix="aftray-bench-") as stage_dir:
         if arm == "plain":
             return plain_loop(groups, spec["model_path"], train, loss)
@@ -272,9 +272,9 @@ def shared_prefix_compare(args) -> dict:
     t = cfg.train
     train = {"lr": t.lr, "warmup_steps": 1, "steps_per_stage": args.steps, "max_seq_len": t.max_seq_len,
              "questions_per_step": t.questions_per_step, "micro_batch_questions": t.micro_batch_questions}
-    arms = {"unshared_fp32": {"shared_prefix": False, "dtype": "fp32"},
-            "shared_fp32": {"shared_prefix": True, "dtype": "fp32"},
-            "shared_amp_bf16": {"shared_prefix": True, "dtype": "amp_bf16"}}
+    arms = {"unshared_fp32": {"layout": "padded", "dtype": "fp32"},
+            "shared_fp32": {"layout": "shared_prefix", "dtype": "fp32"},
+            "shared_amp_bf16": {"layout": "shared_prefix", "dtype": "amp_bf16"}}
     runs = {arm: [] for arm in arms}
     for _ in range(args.repeats):
         for arm, flags in arms.items():
@@ -346,7 +346,7 @@ def gpu_benchmark(args) -> dict:
     groups = make_groups(args.questions, args.k, args.prompt_len, args.cot_len, config.vocab_size)
     train = TrainConfig(lr=1e-5, warmup_steps=1, steps_per_stage=args.steps, max_seq_len=2048, zero_stage=2,
                         questions_per_step=args.questions_per_step, micro_batch_questions=args.micro_batch_questions,
-                        dtype="bf16", packing=True, seed=0)
+                        dtype="bf16", seed=0)
     with tempfile.TemporaryDirectory() as stage_dir:
         result = train_stage_local("align", groups, path, stage_dir, train, LossConfig(name="aft_bc"))
     with torch.device("meta"):

@@ -146,7 +146,7 @@ def check_train_steps(c, steps: int = 8):
 
 def engine(c):
     if c.engine is None:
-        c.engine = HFEngine(c.path, RolloutConfig(gpus_per_actor=float(c.dev.type == "cuda"),
+        c.engine = HFEngine(c.path, RolloutConfig(resources_per_actor={"GPU": float(c.dev.type == "cuda")},
                                                   threads_per_actor=torch.get_num_threads()))
     return c.engine
 
@@ -203,13 +203,13 @@ def check_gsm8k_job(c):
     cmd = [sys.executable, "jobs/aft_gsm8k.py", "--config", f"configs/{'gsm8k_gpu' if gpu else 'words_cpu'}.yaml",
            f"output_dir={out}", "run_name=gpu_check", f"model.name_or_path={model}", "loop.rounds=1",
            "task.num_train=64", "task.num_test=50", "loop.questions_per_round=32",
-           "tracking.enabled=false", "cluster.precheck_timeout_s=0"]
+           "tracking.experiment=null", "cluster.precheck_timeout_s=0"]
     if gpu:  # samplers and trainer share the one GPU
-        cmd += ["loop.overlap=false", "rollout.num_actors=1", "rollout.cpus_per_actor=1", "rollout.k=4",
-                "rollout.gpus_per_actor=0.45", "rollout.resources.rollout=0",
-                "rollout.vllm.gpu_memory_utilization=0.3", "rollout.max_new_tokens=256", "rollout.vllm.enforce_eager=true",
-                "train.num_workers=1", "train.cpus_per_worker=1",
-                "train.gpus_per_worker=0.45", "train.resources.trainer=0", "train.questions_per_step=16"]
+        cmd += ["loop.overlap=false", "rollout.num_actors=1", "rollout.k=4",
+                "rollout.resources_per_actor={CPU: 1, GPU: 0.45, rollout: 0}",
+                "rollout.vllm.gpu_memory_utilization=0.3", "rollout.max_new_tokens=256",
+                "train.num_workers=1", "train.resources_per_worker={CPU: 1, GPU: 0.45, trainer: 0}",
+                "train.questions_per_step=16"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=c.args.job_timeout)
     tail = [ln.strip() for ln in (p.stdout + p.stderr).splitlines() if ln.strip()][-3:]
     need(p.returncode == 0 and (out / "gpu_check/summary.json").is_file(), f"rc {p.returncode}: {' | '.join(tail)}")

@@ -240,8 +240,8 @@ def test_cluster_files_hold_the_gpu_preset_from_the_start(nodes, name):
 
 # ----------------------------------------------------------------------------------------- placement (pure)
 def test_required_resources_sums_actors_and_workers():
-    c = cfg({"num_actors": 2, "gpus_per_actor": 1.0, "resources": {"rollout": 1.0}},
-            {"num_workers": 3, "cpus_per_worker": 2.0, "gpus_per_worker": 0.5, "resources": {"trainer": 1.0}})
+    c = cfg({"num_actors": 2, "resources_per_actor": {"GPU": 1.0, "rollout": 1.0}},
+            {"num_workers": 3, "resources_per_worker": {"CPU": 2.0, "GPU": 0.5, "trainer": 1.0}})
     req = P.required_resources(c)
     coord = P.coordinator_resources().get("CPU", 0.0)  # 0 under Ray Train v2
     assert req == {"CPU": 2 * 1.0 + 3 * 2.0 + coord, "GPU": 2 + 1.5, "rollout": 2, "trainer": 3}
@@ -255,8 +255,8 @@ def test_coordinator_follows_ray_train_version(monkeypatch):
 
 
 def test_ray_options_come_from_the_config():
-    c = cfg({"cpus_per_actor": 2.0, "gpus_per_actor": 1.0, "resources": {"rollout": 1.0}},
-            {"num_workers": 2, "gpus_per_worker": 1.0, "resources": {"trainer": 1.0}},
+    c = cfg({"resources_per_actor": {"CPU": 2.0, "GPU": 1.0, "rollout": 1.0}},
+            {"num_workers": 2, "resources_per_worker": {"GPU": 1.0, "trainer": 1.0}},
             {"placement_strategy": "SPREAD"})
     assert P.actor_options(c.rollout) == {"num_cpus": 2.0, "num_gpus": 1.0, "resources": {"rollout": 1.0}}
     kw = P.scaling_config_kwargs(c.train, c.cluster.placement_strategy)
@@ -269,15 +269,20 @@ def test_scaling_kwargs_are_accepted_by_ray_train():
     from ray.train import ScalingConfig
 
     for gpus in (0.0, 1.0):
-        sc = ScalingConfig(**P.scaling_config_kwargs(cfg(train={"gpus_per_worker": gpus}).train))
+        sc = ScalingConfig(**P.scaling_config_kwargs(cfg(train={"resources_per_worker": {"GPU": gpus}}).train))
         assert sc.num_workers == 1
 
 
-def test_cpu_or_gpu_in_custom_resources_is_a_config_error():
-    with pytest.raises(ConfigError, match="rollout.resources.GPU"):
-        P.actor_options(RolloutConfig(resources={"GPU": 1.0}))
-    with pytest.raises(ConfigError, match="train.resources.CPU"):
-        P.worker_resources(TrainConfig(resources={"CPU": 1.0}))
+def test_resource_counts_are_numbers_at_least_zero():
+    from aftray.config import load_config
+
+    for bad, message in ((["rollout.resources_per_actor={GPU: -1}"], "rollout.resources_per_actor.GPU: expected a "
+                                                                     "count >= 0"),
+                         (["train.resources_per_worker={CPU: two}"], "train.resources_per_worker.CPU: expected float")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, bad)
+    absent = load_config(None, ["rollout.resources_per_actor={GPU: 1}"]).rollout  # CPU 1 where absent
+    assert P.actor_options(absent) == {"num_cpus": 1.0, "num_gpus": 1.0, "resources": {}}
 
 
 TWO_NODES = [Node("10.0.0.1 (aaaaaa)", {"CPU": 8, "GPU": 1, "rollout": 1, "memory": 1e10}),
@@ -329,8 +334,8 @@ def test_misfit_packing_and_strict_strategies():
 
 
 def one_each() -> Config:
-    return cfg({"gpus_per_actor": 1.0, "resources": {"rollout": 1.0}},
-               {"gpus_per_worker": 1.0, "resources": {"trainer": 1.0}})
+    return cfg({"resources_per_actor": {"GPU": 1.0, "rollout": 1.0}},
+               {"resources_per_worker": {"GPU": 1.0, "trainer": 1.0}})
 
 
 def test_waits_for_an_autoscaler_then_passes(monkeypatch):
@@ -377,9 +382,8 @@ def two_node_ray():
 
 
 def feasible():
-    return cfg({"num_actors": 1, "cpus_per_actor": 0.5, "gpus_per_actor": 1.0, "resources": {"rollout": 1.0}},
-               {"num_workers": 1, "cpus_per_worker": 0.5, "gpus_per_worker": 1.0,
-                "resources": {"trainer": 1.0}})
+    return cfg({"num_actors": 1, "resources_per_actor": {"CPU": 0.5, "GPU": 1.0, "rollout": 1.0}},
+               {"num_workers": 1, "resources_per_worker": {"CPU": 0.5, "GPU": 1.0, "trainer": 1.0}})
 
 
 def test_feasible_placement_passes_and_lands_on_the_right_nodes(two_node_ray):
@@ -403,8 +407,8 @@ def test_feasible_placement_passes_and_lands_on_the_right_nodes(two_node_ray):
 @pytest.mark.parametrize("change, expect", [
     ({"rollout.num_actors": 2}, ["rollout actors need 2 x {CPU: 0.5, GPU: 1, rollout: 1}",
                                  "the cluster has {GPU: 2, rollout: 1}"]),
-    ({"train.gpus_per_worker": 2.0}, ["no single node can hold one {CPU: 0.5, GPU: 2, trainer: 1}"]),
-    ({"rollout.resources": {"rollout_a100": 1.0}}, ["the cluster has rollout_a100: 0"]),
+    ({"train.resources_per_worker": {"CPU": 0.5, "GPU": 2.0, "trainer": 1.0}}, ["no single node can hold one {CPU: 0.5, GPU: 2, trainer: 1}"]),
+    ({"rollout.resources_per_actor": {"CPU": 0.5, "GPU": 1.0, "rollout_a100": 1.0}}, ["the cluster has rollout_a100: 0"]),
 ])
 def test_impossible_placement_fails_fast_and_says_what_is_missing(two_node_ray, change, expect):
     c = feasible()
@@ -455,18 +459,18 @@ def test_start_ray_hands_the_nccl_env_to_ray_init(monkeypatch):
 
 
 def test_tensor_parallel_actor_asks_for_its_engines_gpus():
-    c = cfg({"engine": "vllm", "gpus_per_actor": 2.0, "vllm": VllmConfig(tensor_parallel_size=2),
-             "resources": {"rollout": 2.0}})
+    c = cfg({"engine": "vllm", "resources_per_actor": {"GPU": 2.0, "rollout": 2.0},
+             "vllm": VllmConfig(tensor_parallel_size=2)})
     assert P.actor_options(c.rollout)["num_gpus"] == 2.0
     assert P.bundle_groups(c)[0].bundle["GPU"] == 2.0
-    assert P.actor_options(cfg({"gpus_per_actor": 0.5}).rollout)["num_gpus"] == 0.5  # TP 1: as configured
+    assert P.actor_options(cfg({"resources_per_actor": {"GPU": 0.5}}).rollout)["num_gpus"] == 0.5  # TP 1: as configured
 
 
 def test_tensor_parallel_needs_vllm_and_the_gpus():
     from aftray.config import load_config
 
-    for bad in (["rollout.vllm.tensor_parallel_size=2", "rollout.gpus_per_actor=2"],  # hf engine
-                ["rollout.vllm.tensor_parallel_size=2", "rollout.engine=vllm", "rollout.gpus_per_actor=1"],
+    for bad in (["rollout.vllm.tensor_parallel_size=2", "rollout.resources_per_actor={GPU: 2}"],  # hf engine
+                ["rollout.vllm.tensor_parallel_size=2", "rollout.engine=vllm", "rollout.resources_per_actor={GPU: 1}"],
                 ["rollout.vllm.tensor_parallel_size=0"]):
         with pytest.raises(ConfigError, match="^rollout.vllm.tensor_parallel_size: expected"):
             load_config(None, bad)

@@ -57,7 +57,7 @@ def test_round_samples_until_mixed_groups_or_cap(tmp_path, ray_local):
     cfg = load_config(PRESET, [f"output_dir={tmp_path}", "run_name=dynamic", "task.num_train=400",
                                "task.num_test=20", "train.vft.steps=30",
                                "train.steps_per_stage=2", "loop.rounds=1", f"loop.questions_per_round={per_round}",
-                               f"loop.min_mixed_groups={need}", "loop.max_oversample=3", "tracking.enabled=false"])
+                               f"loop.min_mixed_groups={need}", "loop.max_oversample=3", "tracking.experiment=null"])
     rec = run_loop(cfg)["rounds"][1]
     samples = read_parquet_rows(cfg.run_dir / "rounds" / "1" / "samples.parquet")
     ids = [row["id"] for row in samples]

@@ -311,8 +311,8 @@ def test_two_nodes_need_no_shared_checkpoint_folder(tmp_path, monkeypatch, refer
         monkeypatch.setattr(RolloutPool, "refresh", refresh_after_moving_the_folders)
         # round 1 writes no folder at all (loop.checkpoint_every=2); round 0's VFT stage and the last round do
         cfg = _cfg(tmp_path, *REFERENCE, "loop.checkpoint_every=2", "rollout.weight_sync=object_store",
-                   f"cluster.address={cluster.address}", "run_name=two_node", "rollout.resources={rollout: 1}",
-                   "train.resources={trainer: 1}")
+                   f"cluster.address={cluster.address}", "run_name=two_node", "rollout.resources_per_actor={rollout: 1}",
+                   "train.resources_per_worker={trainer: 1}")
         two = run_loop(cfg)
         assert [r["round"] for r in two["rounds"]] == [0, 1, 2] and two["rounds"][2]["weights_version"] == 2
         assert sorted(f.parent.name for f in moved) == ["0", "2"]  # none was read after it was written

@@ -2,7 +2,6 @@
 import itertools
 import json
 import re
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +10,7 @@ import pytest
 from aftray.config import ArithConfig, TaskConfig, VerifyConfig
 from aftray.tasks import DataError, load_task
 from aftray.tasks.arith import cot_for, generate
-from aftray.tasks.base import BadRowsWarning, hub_reachable
+from aftray.tasks.base import hub_reachable
 from aftray.tasks.gsm8k import strip_calculator
 from aftray.verify import verify_group
 from aftray.tasks.answers import extract_answer, extract_choice, is_correct, stated_letter
@@ -105,9 +104,8 @@ def test_aqua_bad_options_row(tmp_path):
     rows = [good, {**good, "options": ["B)1", "A)2"]}, {**good, "correct": "F"}]
     for name in ("dev.json", "test.json"):
         (tmp_path / "aqua_rat" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.warns(BadRowsWarning, match=r"skipped 2 bad row\(s\): line 2 \(options: .*line 3 \(correct:"):
-        task = load_task(TaskConfig(name="aqua_rat", data_dir=str(tmp_path)))
-    assert [e.answer for e in task.train] == ["B"] and task.train[0].choices == ["1", "2", "3", "4", "5"]
+    with pytest.raises(DataError, match=r"aqua_rat/dev.json:2: options: "):
+        load_task(TaskConfig(name="aqua_rat", data_dir=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------- ECQA
@@ -129,7 +127,7 @@ def test_ecqa_answer_not_an_option_is_a_bad_row(tmp_path):
     (tmp_path / "ecqa" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "ecqa" / "test.jsonl").write_text(Path(f"{FIXTURES}/ecqa/test.jsonl").read_text())
     with pytest.raises(DataError, match=r"ecqa/train.jsonl:1: q_ans: 'toaster'"):
-        load_task(TaskConfig(name="ecqa", data_dir=str(tmp_path), strict=True))
+        load_task(TaskConfig(name="ecqa", data_dir=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------- bad rows
@@ -154,24 +152,9 @@ def _gsm8k_dir(tmp_path, bad: bytes):
 
 
 @pytest.mark.parametrize("bad,reason", BAD_LINES)
-def test_bad_row_is_skipped_and_counted(tmp_path, bad, reason):
-    with pytest.warns(BadRowsWarning) as record:
-        task = load_task(TaskConfig(name="gsm8k", data_dir=_gsm8k_dir(tmp_path, bad)))
-    message = str(record[0].message)
-    assert "train.jsonl: skipped 1 bad row(s): line 2 (" + reason in message
-    assert [e.id for e in task.train] == ["gsm8k-train-1", "gsm8k-train-3"]
-
-
-@pytest.mark.parametrize("bad,reason", BAD_LINES)
-def test_bad_row_raises_in_strict_mode(tmp_path, bad, reason):
+def test_bad_row_raises_naming_file_line_and_field(tmp_path, bad, reason):
     with pytest.raises(DataError, match=re.escape("train.jsonl:2: " + reason)):
-        load_task(TaskConfig(name="gsm8k", data_dir=_gsm8k_dir(tmp_path, bad), strict=True))
-
-
-def test_clean_file_gives_no_warning(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", BadRowsWarning)
-        load_task(TaskConfig(name="gsm8k", data_dir=_gsm8k_dir(tmp_path, json.dumps(GOOD).encode())))
+        load_task(TaskConfig(name="gsm8k", data_dir=_gsm8k_dir(tmp_path, bad)))
 
 
 def test_missing_local_file_names_the_path(tmp_path):
@@ -228,7 +211,7 @@ def test_arith_several_valid_orders_and_reference_is_one():
 
 
 def test_arith_reference_verifies_correct_with_full_process_score():
-    task = load_task(TaskConfig(name="arith", num_train=500, num_test=100, arith=ArithConfig(distractors=2, seed=0)))
+    task = load_task(TaskConfig(name="arith", num_train=500, num_test=100, arith=ArithConfig(seed=0)))
     for e in task.train + task.test:
         assert is_correct(extract_answer(e.cot, "number"), e.answer, "number")
         assert arith_process_score(e.cot) == 1.0
@@ -236,7 +219,7 @@ def test_arith_reference_verifies_correct_with_full_process_score():
 
 
 def test_arith_knobs():
-    cfg = ArithConfig(min_steps=3, max_steps=5, max_value=20, distractors=2, seed=1)
+    cfg = ArithConfig(min_steps=3, max_steps=5, max_value=20, seed=1)
     train, test = generate(cfg, 200, 20)
     assert len(train) == 200 and len(test) == 20
     assert not {e.question for e in train} & {e.question for e in test}
@@ -244,7 +227,7 @@ def test_arith_knobs():
         _, ops = _story(e)
         assert 3 <= len(ops) <= 5 and e.cot.count("=") == len(ops)
         numbers = [int(n) for n in re.findall(r"\d+", e.question)]
-        assert max(numbers) < 20 and len(numbers) == 1 + len(ops) + 2  # start, events, two distractor facts
+        assert max(numbers) < 20 and len(numbers) == 1 + len(ops)  # the start, the events
     chars = set("".join(e.question + e.cot for e in train))
     assert len(chars) <= 50, sorted(chars)
     one_step, _ = generate(ArithConfig(min_steps=1, max_steps=1, seed=0), 20, 0)
@@ -254,7 +237,7 @@ def test_arith_knobs():
 
 
 def test_arith_words_style_draws_the_same_problems():
-    cfg = ArithConfig(distractors=1, seed=0)
+    cfg = ArithConfig(seed=0)
     equations, words = generate(cfg, 200, 20), generate(ArithConfig(**{**cfg.__dict__, "style": "words"}), 200, 20)
     for e, w in zip(equations[0] + equations[1], words[0] + words[1]):
         assert w.answer == e.answer and w.cot.endswith(f"\n#### {w.answer}")

@@ -37,7 +37,7 @@ def make_groups(tokenizer, n: int = 8, seed: int = 0) -> list[dict]:
 
 def small_train(**overrides) -> TrainConfig:
     base = dict(lr=3e-3, warmup_steps=1, steps_per_stage=6, questions_per_step=4, micro_batch_questions=1,
-                max_seq_len=64, num_workers=2, cpus_per_worker=1, max_failures=1, seed=0)
+                max_seq_len=64, num_workers=2, resources_per_worker={"CPU": 1}, max_failures=1, seed=0)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -53,7 +53,6 @@ def test_lr_warms_up_then_decays_to_min():
     assert lrs[0] < lrs[1] < lrs[2] == 1.0
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
     assert lrs[-1] == pytest.approx(0.1)
-    assert lr_at(9, 10, TrainConfig(lr=1.0, warmup_steps=2, lr_schedule="linear")) == pytest.approx(0.1)
 
 
 def test_steps_take_every_group_once_per_pass_in_a_seeded_order():

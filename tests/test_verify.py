@@ -58,10 +58,9 @@ def test_extract_number(text, expected):
     assert extract_number(text) == expected
 
 
-def test_fallback_can_be_switched_off():
-    assert extract_number("so 3+4=7", last_number_fallback=True) == "7"
-    assert extract_number("so 3+4=7", last_number_fallback=False) == ""
-    assert extract_number("#### 7", last_number_fallback=False) == "7"
+def test_last_number_is_the_fallback():
+    assert extract_number("so 3+4=7") == "7"
+    assert extract_number("#### 7 and then 9") == "7"  # a stated answer comes first
 
 
 @pytest.mark.parametrize("a,b,equal", [

@@ -241,8 +241,8 @@ def test_without_vllm_the_error_names_the_extra(tiny_model_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_build(tiny_model_path, tmp_path):
     """The same class on vLLM's CUDA build (never run on the CPU-only development machine)."""
-    engine = make_vllm(tiny_model_path, max_prompt_tokens=100, max_new_tokens=24, gpus_per_actor=1,
-                       vllm=VllmConfig(gpu_memory_utilization=0.3, enforce_eager=True))  # as gpu_check runs it
+    engine = make_vllm(tiny_model_path, max_prompt_tokens=100, max_new_tokens=24, resources_per_actor={"GPU": 1},
+                       vllm=VllmConfig(gpu_memory_utilization=0.3))  # as gpu_check runs it
     tok = engine.tokenizer
     prompts = [tok("Q: 2+3?\nA:")["input_ids"], tok("Q: 7-4?\nA:")["input_ids"]]
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=7)

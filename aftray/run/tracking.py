@@ -77,7 +77,7 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._mlflow = None
-        if not cfg.enabled:
+        if cfg.experiment is None:
             return
         if not _reachable(self.uri):
             self._warn(f"tracking server {self.uri} is unreachable")

@@ -123,14 +123,14 @@ def _answer_windows(text: str) -> list[str]:
     return windows
 
 
-def extract_number(text, last_number_fallback: bool = True) -> str:
-    """Canonical final number of a COT ("" when none)."""
+def extract_number(text) -> str:
+    """Canonical final number of a COT ("" when none): the stated answer, else the COT's last number."""
     text = _clip(text)
     for window in _answer_windows(text):
         value = parse_number(window)
         if value is not None:
             return format_number(value)
-    value = _last_number(text) if last_number_fallback else None
+    value = _last_number(text)
     return format_number(value) if value is not None else ""
 
 
@@ -177,7 +177,7 @@ def stated_letter(text, num_choices: int = 5) -> str:
     return m.group(1) if m and m.group(1) in allowed else ""
 
 
-def extract_choice(text, choices: Optional[list[str]] = None, last_number_fallback: bool = True) -> str:
+def extract_choice(text, choices: Optional[list[str]] = None) -> str:
     """Option letter of a COT: a stated letter, else the stated answer text/number matched to one option."""
     text = _clip(text)
     letter = stated_letter(text, len(choices) if choices else 5)
@@ -187,19 +187,15 @@ def extract_choice(text, choices: Optional[list[str]] = None, last_number_fallba
         letter = match_option(window, choices)
         if letter:
             return letter
-    if last_number_fallback:
-        value = _last_number(text)
-        if value is not None:
-            return match_option(format_number(value), choices)
-    return ""
+    value = _last_number(text)
+    return match_option(format_number(value), choices) if value is not None else ""
 
 
 # ---------------------------------------------------------------------------------------------- top level
-def extract_answer(text, answer_kind: str, choices: Optional[list[str]] = None,
-                   last_number_fallback: bool = True) -> str:
+def extract_answer(text, answer_kind: str, choices: Optional[list[str]] = None) -> str:
     if answer_kind == "choice":
-        return extract_choice(text, choices, last_number_fallback)
-    return extract_number(text, last_number_fallback)
+        return extract_choice(text, choices)
+    return extract_number(text)
 
 
 def is_correct(pred: str, gold: str, answer_kind: str) -> bool:

@@ -1,15 +1,14 @@
 """Generated multi-step arithmetic: the CPU testbed, where correct COTs other than the reference exist.
 
 A problem is a start amount and independent gain/loss events, e.g.
-  "Ann has 43 eggs. Ann loses 26. Bob has 9 eggs. Ann gets 30. Ann gets 28. How many eggs does Ann have?"
+  "Ann has 43 eggs. Ann loses 26. Ann gets 30. Ann gets 28. How many eggs does Ann have?"
 Every order of the events whose running totals stay >= 0 is a valid solution, and each problem with two or
 more events is generated to have at least two distinct ones; the reference COT takes a random valid order, in
 GSM8K style:
   style "equations": "43-26=17. 17+30=47. 47+28=75. #### 75"  (short, a small character set: char-level models)
   style "words":     "Ann has 43 eggs.\nAnn loses 26, so Ann has 43 - 26 = 17 eggs.\n...\n#### 75"  (one step a
                      line, as GSM8K writes them: for pretrained models)
-Knobs (`task.arith`): steps (min/max events), max_value (numbers in the story are below it), distractors
-(facts that do not change the answer), style. Deterministic in `seed` (both styles draw the same problems);
+Knobs (`task.arith`): steps (min/max events), max_value (numbers in the story are below it), style. Deterministic in `seed` (both styles draw the same problems);
 test questions never repeat a training question. The splits hold NUM_TRAIN and NUM_TEST problems (more when
 task.num_train / task.num_test ask for more), drawn train first: the first n questions of a split are the same
 whatever the split sizes, as long as the training split's size is the same.
@@ -21,7 +20,7 @@ import random
 from aftray.config import ArithConfig, TaskConfig
 from aftray.tasks.base import Example, Task
 
-NAMES = ["Ann", "Tom", "Sue", "Bob", "Amy", "Sam"]  # not pronouns: a distractor person makes "he" ambiguous
+NAMES = ["Ann", "Tom", "Sue", "Bob", "Amy", "Sam"]
 ITEMS = ["eggs", "pens", "cards", "coins", "books", "apples"]
 GAINS = ["gets", "finds", "buys"]
 LOSSES = ["loses", "sells", "gives away"]
@@ -88,12 +87,6 @@ def make_problem(rng: random.Random, cfg: ArithConfig) -> tuple[str, int, list[i
             by_amount.setdefault(o, verb)
         verbs, story = [by_amount[o] for o in ops], (name, item, by_amount)
     events = [f"{name} {verb} {abs(o)}." for o, verb in zip(ops, verbs)]
-    for _ in range(cfg.distractors):  # another person's amount, or another item of the same person
-        other = rng.choice([p for p in NAMES if p != name])
-        other_item = rng.choice([i for i in ITEMS if i != item])
-        fact = rng.choice([f"{other} has {rng.randint(1, cfg.max_value - 1)} {item}.",
-                           f"{name} also has {rng.randint(1, cfg.max_value - 1)} {other_item}."])
-        events.insert(rng.randint(0, len(events)), fact)
     question = " ".join([f"{name} has {start} {item}.", *events, f"How many {item} does {name} have?"])
     return question, start, ops, story
 

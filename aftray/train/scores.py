@@ -12,13 +12,14 @@ or more COTs (its branches). Layouts:
   are those of the padded layout. Rows rather than one long row because without varlen kernels attention costs
   the square of the row length (flash-attention, which needs one row, gets them flattened). The few pad tokens
   closing a row restart their positions too, so they form a block of their own.
-- shared prefix (`train.shared_prefix`): one segment per group, its prompt once and then every COT of the group,
+- shared prefix (`train.layout=shared_prefix`, the default): one segment per group, its prompt once and then every COT of the group,
   each COT at the positions it has after the prompt (P, P+1, ...). A 4D attention mask lets a COT token see the
   prompt and the earlier tokens of its own COT only, so each COT's scores are those of the unshared layouts
   while the prompt (most of each sequence under a few-shot prompt) is forwarded once, not k + 1 times, and its
   gradient sums over the COTs that read it. Segments (and COTs cut by max_seq_len, which become one-COT segments
   with their own cut prompt) are packed first-fit into rows as long as the longest segment. Needs an attention
-  kernel that takes an arbitrary mask (sdpa, eager): see `takes_custom_masks`.
+  kernel that takes an arbitrary mask (sdpa, eager): see `takes_custom_masks`; the trainer falls back to packed
+  where the model's kernel takes none (flash-attention, flex).
 Every scored token is read from the logits at the position that predicts it (`logit_index`): the previous
 token of its COT, or the prompt's last token for a COT's first token.
 `score_groups(model, batch)` runs the forward pass and returns the `ScoredBatch` the objectives read.

@@ -210,7 +210,7 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
         step, history, restarts = restored["step"], restored["history"], restored["restarts"] + [restored["step"]]
     lap("resume_s")
 
-    shared = train.shared_prefix and takes_custom_masks(engine.module)  # else the unshared layouts
+    shared = train.layout == "shared_prefix" and takes_custom_masks(engine.module)  # else packed
     with autocast(train, device):  # the drift the training forward passes see
         drift = first_step_drift(engine, groups, per_step, accum, job, tokenizer.pad_token_id, device, shared) \
             if step == 0 else {}
@@ -227,7 +227,7 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
         parts, module_norm = [], None
         for i in range(accum):
             rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
-            batch = collate_groups(rows, train.max_seq_len, train.packing, with_ref, with_samples,
+            batch = collate_groups(rows, train.max_seq_len, train.layout != "padded", with_ref, with_samples,
                                    tokenizer.pad_token_id, shared).to(device)
             with autocast(train, device):
                 loss, metrics = objective(loss_cfg, score_groups(engine, batch))
@@ -402,11 +402,11 @@ def step_groups(groups: list, step: int, per_step: int, seed: int) -> list:
 
 
 def lr_at(step: int, total_steps: int, train: TrainConfig) -> float:
-    """Linear warmup over `warmup_steps`, then cosine or linear decay to lr * min_lr_ratio at the last step."""
+    """Linear warmup over `warmup_steps`, then cosine decay to lr * min_lr_ratio at the last step."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / (train.warmup_steps + 1)
     progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - 1 - train.warmup_steps))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if train.lr_schedule == "cosine" else 1 - progress
+    decay = 0.5 * (1 + math.cos(math.pi * progress))
     return train.lr * (train.min_lr_ratio + (1 - train.min_lr_ratio) * decay)
 
 

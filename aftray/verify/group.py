@@ -49,14 +49,14 @@ def verify_group(row: dict, completions: list, cfg: VerifyConfig, answer_kind: s
     gold, choices = row["answer"], row.get("choices")
     choices = [str(c) for c in choices] if choices is not None and len(choices) else None  # Ray Data: ndarray
     cots = [c.text for c in kept]
-    preds = [extract_answer(t, answer_kind, choices, cfg.last_number_fallback) for t in cots]
+    preds = [extract_answer(t, answer_kind, choices) for t in cots]
     labels = [label(p, gold, c.finish_reason, answer_kind) for p, c in zip(preds, kept, strict=True)]
     correct = [lab == "correct" for lab in labels]
     if cfg.process == "arith":
         process = [arith_process_score(t) for t in cots]
     elif cfg.process == "mc":
         values = mc_step_values(row["prompt"], cots, gold, answer_kind, sample_continuations, cfg.mc_samples,
-                                choices, cfg.last_number_fallback)
+                                choices)
         process = [sum(v) / len(v) for v in values]
     else:
         process = [math.nan] * len(cots)

@@ -184,15 +184,15 @@ ContinuationSampler = Callable[[list[str], int], list[list[str]]]
 
 
 def mc_step_values(prompt: str, cots: list[str], gold: str, answer_kind: str,
-                   sample_continuations: ContinuationSampler, m: int, choices: Optional[list[str]] = None,
-                   last_number_fallback: bool = True) -> list[list[float]]:
+                   sample_continuations: ContinuationSampler, m: int, choices: Optional[list[str]] = None
+                   ) -> list[list[float]]:
     """Step values of each COT from M sampled continuations per step prefix (one `sample_continuations` call).
 
     The last step's value is the COT's own correctness (its prefix is the whole COT: nothing to sample), so a
     COT with n steps costs (n - 1) * M continuations.
     """
     def correct(text: str) -> float:
-        pred = extract_answer(text, answer_kind, choices, last_number_fallback)
+        pred = extract_answer(text, answer_kind, choices)
         return float(is_correct(pred, gold, answer_kind))
 
     prefixes, owners = [], []
