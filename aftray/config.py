@@ -46,8 +46,9 @@ RENAMED = {
     "task.arith.num_test": "replaced by task.num_test (arith generates max(500, task.num_test) test problems)",
     **{f"rollout.{k}": f"moved to rollout.vllm.{k}" for k in (
         "tensor_parallel_size", "gpu_memory_utilization", "dtype", "kv_cache_gb", "cpu_cores", "block_size")},
-    "rollout.enforce_eager": "removed: vLLM runs eager on CPU and with CUDA graphs on GPU",
-    "rollout.vllm.enforce_eager": "removed: vLLM runs eager on CPU and with CUDA graphs on GPU",
+    "rollout.enforce_eager": "removed: vLLM runs eager on CPU and on a shared GPU, with CUDA graphs on a whole one",
+    "rollout.vllm.enforce_eager": "removed: vLLM runs eager on CPU and on a shared GPU, with CUDA graphs on a "
+                                  "whole one",
     **{f"train.vft_{k}": f"moved to train.vft.{k}" for k in ("steps", "lr", "min_lr_ratio", "questions_per_step")},
     "model.cache_dir": "removed: set AFTRAY_CACHE_DIR (models go to $AFTRAY_CACHE_DIR/models)",
     "model.tiny.num_heads": "removed: the tiny model has heads of 32 dims (hidden_size / 32)",

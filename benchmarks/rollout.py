@@ -118,7 +118,7 @@ def main() -> None:
     engines, startup = {}, {}
     for name, kind, over in [("hf", "hf", {}), ("vllm_fp32", "vllm", {"dtype": "float32"}),
                              ("vllm_bf16", "vllm", {"dtype": "bfloat16"})]:
-        if name == "vllm_fp32_compiled":  # one in-process engine core per process: the others get their own
+        if name == "vllm_bf16":  # one in-process vLLM engine core per process: the second gets its own
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         engines[name], startup[name] = timed(make_engine, kind, path,
                                              replace(cfg, engine=kind, vllm=replace(cfg.vllm, **over)))

@@ -346,7 +346,7 @@ def gpu_benchmark(args) -> dict:
     groups = make_groups(args.questions, args.k, args.prompt_len, args.cot_len, config.vocab_size)
     train = TrainConfig(lr=1e-5, warmup_steps=1, steps_per_stage=args.steps, max_seq_len=2048, zero_stage=2,
                         questions_per_step=args.questions_per_step, micro_batch_questions=args.micro_batch_questions,
-                        dtype="bf16", seed=0)
+                        dtype="bf16", seed=0, layout="packed")  # the layout the MFU count below assumes
     with tempfile.TemporaryDirectory() as stage_dir:
         result = train_stage_local("align", groups, path, stage_dir, train, LossConfig(name="aft_bc"))
     with torch.device("meta"):

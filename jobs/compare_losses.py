@@ -83,8 +83,9 @@ def main() -> int:
         parser.error(f"--contrast {args.contrast}: expected A:B, two arms (or an arm and start)")
     declaration = None
     if args.declaration:
-        fixed = [f"--{k.replace('_', '-')}" for k in ("config", "arms", "seeds", "task_seeds", "contrast")
-                 if getattr(args, k)] + (["key=value overrides"] if args.overrides else [])
+        fixed = [f"--{k.replace('_', '-')}" for k in ("config", "arms", "seeds", "task_seeds", "contrast", "grid",
+                                                       "base_per_seed", "base_seed")
+                 if getattr(args, k) not in (None, False, [], "")] + (["key=value overrides"] if args.overrides else [])
         if fixed:
             parser.error(f"--declaration fixes {', '.join(fixed)}: change the declaration (a new one, if its "
                          "runs have started) instead")

@@ -1,10 +1,13 @@
 """The comparison's statistics against published worked examples, and its pre-registration: declarations and the
 refusal to pool runs of another experiment (fast; no Ray)."""
+from pathlib import Path
+
 import pytest
 
 from aftray.experiments.declaration import Declaration, check_pooling, load_declaration, parse_contrast
 from aftray.experiments.stats import holm, paired_test, task_level_test
-from test_loop import REPO
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Student's sleep data (Cushny & Peebles 1905), extra hours of sleep under two drugs, 10 patients: R's
 # `t.test(extra ~ group, data = sleep, paired = TRUE)` prints t = -4.0621, df = 9, p-value = 0.002833,

@@ -107,6 +107,8 @@ def _check_request(task: str, task_seeds: list[int] | None, labels: list[str],
     unknown = [a for pair in contrasts or [] for a in pair if a not in labels + [START]]
     if unknown:
         raise ValueError(f"--contrast: unknown {unknown}; expected some of {', '.join(labels)} (or {START})")
+    if any(a == START for a, _ in contrasts or []):
+        raise ValueError(f"--contrast: {START} goes second (an arm minus its start), got {contrasts}")
 
 
 def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_dir: str | Path,

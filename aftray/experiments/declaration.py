@@ -111,6 +111,11 @@ def check_pooling(summaries: dict[str, dict], declaration: Declaration) -> None:
     allowed = {declaration.name, *declaration.reuse}
     foreign = {folder: (s.get("experiment") or {}).get("name") for folder, s in summaries.items()
                if (s.get("experiment") or {}).get("name") not in allowed}
+    edited = [folder for folder, s in summaries.items() if (s.get("experiment") or {}).get("name") ==
+              declaration.name and s["experiment"].get("sha256") not in (None, declaration.sha256)]
+    if edited:
+        raise ValueError(f"{declaration.path}: the declaration changed after runs of {declaration.name} started "
+                         f"({', '.join(edited)}): declare a new experiment (a new name) instead of editing it")
     if foreign:
         runs = ", ".join(f"{folder} ({name or 'not pre-registered'})" for folder, name in foreign.items())
         raise ValueError(f"{declaration.path}: refusing to pool runs of other experiments: {runs}; use a fresh "

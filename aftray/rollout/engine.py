@@ -30,7 +30,7 @@ class SamplingParams:
     @classmethod
     def from_config(cls, cfg: RolloutConfig) -> SamplingParams:
         return cls(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                   seed=cfg.seed)
+                   seed=cfg.seed or 0)  # null (a config built without load_config): the root seed's default
 
 
 @dataclass

@@ -21,8 +21,9 @@ vLLM is an optional extra, imported only here. Choices, and why (measured in doc
   one in-process engine down tears it down for all: a process holds one such engine (an `EngineActor` does). A
   caller that starts more in one process (benchmarks/rollout.py) sets VLLM_ENABLE_V1_MULTIPROCESSING=1 for the
   others. On GPUs vLLM keeps its engine-core process, which overlaps scheduling with the GPU's work.
-- Eager on CPU, CUDA graphs on GPU: compiling on CPU gains little for a much longer start-up, which short runs
-  and per-arm engines do not win back.
+- Eager on CPU, CUDA graphs on a GPU the engine holds whole: compiling on CPU gains little for a much longer
+  start-up, which short runs and per-arm engines do not win back; on a GPU shared with a trainer (a fraction in
+  `rollout.resources_per_actor`) the graphs' memory is not worth the risk.
 - CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.vllm.block_size`): the prefix cache reuses
   whole blocks only, and a few-shot prefix shorter than one block would be recomputed for every prompt.
 """
@@ -189,7 +190,7 @@ class VLLMEngine(Engine):
                 block_size=v.block_size or (None if on_gpu else CPU_BLOCK_SIZE),
                 gpu_memory_utilization=v.gpu_memory_utilization,
                 kv_cache_memory_bytes=None if on_gpu else v.kv_cache_gb << 30,
-                enforce_eager=not on_gpu,
+                enforce_eager=not on_gpu or cfg.gpus_per_actor < 1,
                 tensor_parallel_size=v.tensor_parallel_size if on_gpu else 1,
                 # TP workers as processes of this actor on the GPUs Ray gave it ("ray" would ask Ray for more GPUs)
                 distributed_executor_backend="mp" if on_gpu and v.tensor_parallel_size > 1 else None,

@@ -2,7 +2,7 @@
 result. `aftray.train.service.TrainService` runs stages on Ray Train workers kept for a whole run.
 
 Two stages use the same loop (`aftray.train.worker.run_stage`): `vft` (reference COTs only, loss "vft", the
-`vft_*` settings) and `align` (the configured objective on the sampled groups).
+`train.vft.*` settings) and `align` (the configured objective on the sampled groups).
 
 Where a stage starts (`StageJob.init`): "load" builds the model from `model_path` with a new optimizer; "reset"
 keeps the model the workers hold after stage `after` (else loads `model_path`) with a new optimizer (a run's

@@ -42,12 +42,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aftray.config import LossConfig, TrainConfig
+from aftray.config import TrainConfig
 from aftray.logs import worker_setup
 from aftray.models import load_model, load_tokenizer
 from aftray.rows import TRAIN_COLUMNS, check_group_table, mixed_or_reference
 from aftray.train.checkpoint import checkpoint_state, full_state_dict, load_checkpoint, save_checkpoint
-from aftray.train.stage import StageJob, StageResult
+from aftray.train.stage import StageJob
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config, skip_shm_comm_op
 from aftray.train.scores import collate_groups, logp_drift, score_groups, takes_custom_masks
 
@@ -397,7 +397,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def step_groups(groups: list, step: int, per_step: int, seed: int) -> list:
     """The `per_step` groups of optimizer step `step` (0-based) in the endless, reshuffled-per-pass stream."""
-    n = len(groups)
+    n, seed = len(groups), seed or 0  # null (a config built without load_config): the root seed's default
     return [groups[epoch_order(n, seed, i // n)[i % n]] for i in range(step * per_step, (step + 1) * per_step)]
 
 
