@@ -105,14 +105,16 @@ def test_the_testbed_declaration_names_real_arms_and_preset():
     assert set(d.arms) <= set(ARMS) and (REPO / d.config).is_file() and d.primary == "seed"
 
 
-def _summary(experiment: str | None) -> dict:
-    return {"rounds": [], **({"experiment": {"name": experiment, "sha256": "x"}} if experiment else {})}
+def _summary(experiment: str | None, sha256: str = "x") -> dict:
+    return {"rounds": [], **({"experiment": {"name": experiment, "sha256": sha256}} if experiment else {})}
 
 
 def test_runs_of_another_experiment_are_not_pooled(tmp_path):
     d = _declare(tmp_path, DECLARATION)
-    check_pooling({"out/aft_bc_s0": _summary("e1"), "bases/base_s0": _summary("bases")}, d)  # its own; reused
+    check_pooling({"out/aft_bc_s0": _summary("e1", d.sha256), "bases/base_s0": _summary("bases")}, d)  # own; reused
+    with pytest.raises(ValueError, match=r"declaration changed after runs of e1 started \(out/aft_bc_s0\)"):
+        check_pooling({"out/aft_bc_s0": _summary("e1", "an earlier text's hash")}, d)
     refused = r"out/aft_bc_s1 \(e2\), out/aft_bc_s2 \(not pre-registered\);.*`reuse`"
     with pytest.raises(ValueError, match=f"e.yaml: refusing to pool runs of other experiments: {refused}"):
-        check_pooling({"out/aft_bc_s0": _summary("e1"), "out/aft_bc_s1": _summary("e2"),
+        check_pooling({"out/aft_bc_s0": _summary("e1", d.sha256), "out/aft_bc_s1": _summary("e2"),
                        "out/aft_bc_s2": _summary(None)}, d)
