@@ -17,12 +17,12 @@ from aftray.run.metrics import sample_metrics
 from aftray.tasks import load_task
 
 
-def _checkpoint_pool(cfg: Config, checkpoint: str):
+def _checkpoint_pool(cfg: Config, checkpoint: str, questions: int | None = None):
     if not Path(checkpoint).is_dir():
         raise MissingInputError(f"{checkpoint}: not a folder (expected an HF checkpoint folder)")
     task = load_task(cfg.task)
     tokenizer = load_tokenizer(checkpoint, cfg.model.trust_remote_code)
-    rows = question_rows(task.test, task, tokenizer)
+    rows = question_rows(task.test[:questions], task, tokenizer)  # only what the command uses
     start_ray(cfg)
     return RolloutPool(cfg.rollout, Path(checkpoint)), rows, task.answer_kind
 
@@ -43,8 +43,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:
 
 def sample_checkpoint(cfg: Config, checkpoint: str, questions: int) -> None:
     """`aftray sample`: print k COTs for the first few held-out questions with their labels."""
-    pool, rows, answer_kind = _checkpoint_pool(cfg, checkpoint)
-    for group in sample_groups(pool, ray.data.from_items(rows[:questions]), 0, cfg.verify, answer_kind).take_all():
+    pool, rows, answer_kind = _checkpoint_pool(cfg, checkpoint, questions)
+    for group in sample_groups(pool, ray.data.from_items(rows), 0, cfg.verify, answer_kind).take_all():
         print(f"=== {group['id']} (gold {group['answer']})\n{group['prompt']}")
         for cot, lab, proc in zip(group["cots"], group["labels"], group["process"]):
             print(f"--- {lab} (process {proc:.2f})\n{cot}")

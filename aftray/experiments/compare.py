@@ -171,7 +171,7 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
         result.update(preset=str(preset), overrides=overrides, seeds=seeds, task_seeds=task_seeds,
                       arm_names=arms, shared_base=shared_base,
                       grid=grid or {}, wall_time_s=time.perf_counter() - start, versions=_versions(),
-                      cpus=os.cpu_count(),
+                      cpus=len(os.sched_getaffinity(0)),  # the cores this process may use
                       runs_time_s=runs_time(bases, runs))
         write_json(out_dir / "comparison.json", result)
         (out_dir / "comparison.md").write_text(markdown_table(result))
