@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -96,8 +97,8 @@ def start_ray(cfg: Config):
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-    else:  # more logical CPUs than cores: long-lived rollout actors must not starve Ray Data's tasks
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
+    else:
+        ray.init(address="local", num_cpus=local_cpus(cfg), include_dashboard=False,
                  dashboard_host="127.0.0.1", runtime_env=runtime_env)
     return ray
 
@@ -162,6 +163,14 @@ def required_resources(cfg: Config) -> dict[str, float]:
         for k, v in g.bundle.items():
             total[k] = total.get(k, 0.0) + v * g.count
     return total
+
+
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs of a locally started Ray: those the rollout actors and train workers hold for the whole run,
+    plus one for Ray Data's read and verify tasks, and never fewer than the machine's cores. More logical CPUs
+    than cores where the actors ask for them all: the long-lived actors must not starve Ray Data's tasks."""
+    held = required_resources(cfg).get("CPU", 0.0)
+    return max(math.ceil(held - _EPS) + 1, os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------------- the check
@@ -371,6 +380,7 @@ __all__ = [
     "coordinator_resources",
     "find_misfit",
     "free_port",
+    "local_cpus",
     "nccl_env",
     "required_resources",
     "scaling_config_kwargs",

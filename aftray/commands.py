@@ -24,7 +24,7 @@ def _checkpoint_pool(cfg: Config, checkpoint: str, questions: int | None = None)
     tokenizer = load_tokenizer(checkpoint, cfg.model.trust_remote_code)
     rows = question_rows(task.test[:questions], task, tokenizer)  # only what the command uses
     start_ray(cfg)
-    return RolloutPool(cfg.rollout, Path(checkpoint)), rows, task.answer_kind
+    return RolloutPool(cfg.rollout, Path(checkpoint), dtype=cfg.train.weights_dtype), rows, task.answer_kind
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:

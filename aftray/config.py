@@ -38,17 +38,18 @@ RENAMED_PRESETS = {"gsm8k_cpu.yaml": "words_cpu.yaml", "gsm8k_compare.yaml": "wo
 # Keys that were renamed or removed: an old config gets an error naming the new key, not "unknown key".
 RENAMED = {
     "train.steps_per_round": "renamed to train.steps_per_stage",
-    "loss.beta": "renamed to loss.bc_margin",
     "loop.eval_k": "removed: it was never read (held-out pass@k and maj@k come from round 0's candidate set)",
     # issue #25: one seed, one test-set size, vLLM's keys under rollout.vllm, the VFT stage's under train.vft
     "loop.eval_questions": "replaced by task.num_test (the held-out questions evaluated)",
     "task.arith.num_train": "replaced by task.num_train (arith generates max(4000, task.num_train) problems)",
     "task.arith.num_test": "replaced by task.num_test (arith generates max(500, task.num_test) test problems)",
     **{f"rollout.{k}": f"moved to rollout.vllm.{k}" for k in (
-        "tensor_parallel_size", "gpu_memory_utilization", "dtype", "kv_cache_gb", "cpu_cores", "block_size")},
+        "tensor_parallel_size", "gpu_memory_utilization", "kv_cache_gb", "cpu_cores", "block_size")},
     "rollout.enforce_eager": "removed: vLLM runs eager on CPU and on a shared GPU, with CUDA graphs on a whole one",
     "rollout.vllm.enforce_eager": "removed: vLLM runs eager on CPU and on a shared GPU, with CUDA graphs on a "
                                   "whole one",
+    **{f"rollout.{k}dtype": "removed: vLLM serves the weights in the dtype the trainer pushes them, bfloat16 with "
+                            "train.dtype=bf16, else float32" for k in ("", "vllm.")},
     **{f"train.vft_{k}": f"moved to train.vft.{k}" for k in ("steps", "lr", "min_lr_ratio", "questions_per_step")},
     "model.cache_dir": "removed: set AFTRAY_CACHE_DIR (models go to $AFTRAY_CACHE_DIR/models)",
     "model.tiny.num_heads": "removed: the tiny model has heads of 32 dims (hidden_size / 32)",
@@ -76,6 +77,15 @@ RENAMED = {
        for k in ("cpus_per_actor", "gpus_per_actor", "resources")},
     **{f"train.{k}": "replaced by train.resources_per_worker (e.g. {CPU: 8, GPU: 1, trainer: 1})"
        for k in ("cpus_per_worker", "gpus_per_worker", "resources")},
+    # issue #25, a config read once: one key where two said one thing
+    "cluster.num_cpus": "removed: a local Ray gets the CPUs the rollout actors and train workers hold, plus one "
+                        "for Ray Data's tasks, and at least the machine's",
+    "rollout.threads_per_actor": "replaced by rollout.resources_per_actor.CPU (an actor computes on as many "
+                                 "threads as it holds CPUs)",
+    **{f"task.arith.{k}": "replaced by task.arith.steps: [lo, hi] (events per problem, both inclusive)"
+       for k in ("min_steps", "max_steps")},
+    **{f"loss.{k}": "replaced by loss.beta (DPO's beta, ORPO's lambda; null: 0.1 for DPO, 1.0 for ORPO)"
+       for k in ("dpo_beta", "orpo_lambda")},
 }
 
 
@@ -98,8 +108,7 @@ class ModelConfig:
 @dataclass
 class ArithConfig:
     """Generated multi-step arithmetic (`aftray.tasks.arith`); its split sizes follow task.num_train/num_test."""
-    min_steps: int = 2
-    max_steps: int = 4
+    steps: list[int] = field(default_factory=lambda: [2, 4])  # [lo, hi]: events per problem, both inclusive
     max_value: int = 50
     seed: Optional[int] = None  # the problems; null: the run's `seed`
     style: Literal["equations", "words"] = "equations"  # the reference COT (aftray.tasks.arith)
@@ -128,11 +137,8 @@ class VllmConfig:
     # rollout.resources_per_actor.GPU must be at least this
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5  # on GPU: fraction of the GPU's memory for weights + KV cache
-    # weights' dtype. auto: float32 on CPU (the sampler's log-probs then match the fp32 trainer's, which
-    # DPO's reference and the drift check rely on), bfloat16 on GPU
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     kv_cache_gb: int = 1  # on CPU: KV-cache space per actor, GiB (VLLM_CPU_KVCACHE_SPACE)
-    # on CPU: cores the actor's OpenMP threads are pinned to. auto: rollout.threads_per_actor cores that no other
+    # on CPU: cores the actor's OpenMP threads are pinned to. auto: as many cores as the actor holds CPUs that no other
     # vLLM engine on the node holds (pinned: +20 % tokens/s measured on 2 cores); a list ("0-3", "4,5"); null:
     # unpinned. Samplers and trainers take turns in the on-policy loop, so pinned samplers sit idle while the
     # trainers use every core; with loop.overlap both run at once and auto is refused
@@ -153,9 +159,9 @@ class RolloutConfig:
     seed: Optional[int] = None  # sampling seed, each (question, round) derives its own; null: the run's `seed`
     num_actors: int = 1
     # Ray resources of each actor, as Ray writes them: CPU and GPU counts (fractions share a GPU; CPU 1 and GPU 0
-    # where absent) and custom resources that pin actors to the nodes carrying them, e.g. {CPU: 4, GPU: 1, rollout: 1}
+    # where absent) and custom resources that pin actors to the nodes carrying them, e.g. {CPU: 4, GPU: 1, rollout: 1}.
+    # The CPU count is also the actor's compute threads (torch intra-op for hf, OpenMP for vllm)
     resources_per_actor: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
-    threads_per_actor: int = 1  # compute threads inside each actor (torch intra-op for hf, OpenMP for vllm)
     batch_size: int = 8  # questions per engine call at k samples each (greedy calls take k times as many)
     max_prompt_tokens: int = 512  # longer prompts are left-truncated (counted: truncated_prompts)
     # how the trained weights reach the samplers each round (docs/cluster.md). object_store: rank 0 puts the
@@ -175,6 +181,10 @@ class RolloutConfig:
     def gpus_per_actor(self) -> float:
         return self.resources_per_actor.get("GPU", 0.0)
 
+    @property
+    def threads_per_actor(self) -> int:
+        return max(1, round(self.cpus_per_actor))
+
 
 @dataclass
 class VerifyConfig:
@@ -189,8 +199,9 @@ class LossConfig:
     alignment_weight: float = 1.0  # lambda in L_VFT + lambda * L_A
     vft_weight: float = 1.0
     vft_on_positives: bool = False  # also run the VFT term on positive samples
-    dpo_beta: float = 0.1  # DPO's β: r = dpo_beta * (S - S_ref)
-    orpo_lambda: float = 1.0
+    # DPO's β (r = beta * (S - S_ref)) or ORPO's λ (TRL's ORPOConfig calls it beta too); null: the method's own
+    # default, 0.1 for DPO, 1.0 for ORPO (aftray.train.losses.DEFAULT_BETA)
+    beta: Optional[float] = None
     process_gap: float = 0.0  # eta: DPO/ORPO pairs need a process-score gap >= eta
 
 
@@ -244,6 +255,11 @@ class TrainConfig:
     def gpus_per_worker(self) -> float:
         return self.resources_per_worker.get("GPU", 0.0)
 
+    # the dtype of the weights the workers hold and push (amp_bf16 keeps fp32 ones): what vLLM serves
+    @property
+    def weights_dtype(self) -> str:
+        return "bfloat16" if self.dtype == "bf16" else "float32"
+
 
 @dataclass
 class LoopConfig:
@@ -280,7 +296,6 @@ class ClusterConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # how long the pre-check waits for an autoscaler to add the nodes a run needs (GPU nodes boot in minutes)
     precheck_timeout_s: float = 20.0
-    num_cpus: Optional[int] = None  # for a locally started Ray
 
 
 @dataclass
@@ -500,7 +515,6 @@ def validate(cfg: Config) -> None:
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "an integer >= 1", r.max_new_tokens)
     _check(r.num_actors >= 1, "rollout.num_actors", "an integer >= 1", r.num_actors)
     _check(r.batch_size >= 1, "rollout.batch_size", "an integer >= 1", r.batch_size)
-    _check(r.threads_per_actor >= 1, "rollout.threads_per_actor", "an integer >= 1", r.threads_per_actor)
     for key, res in (("rollout.resources_per_actor", r.resources_per_actor),
                      ("train.resources_per_worker", t.resources_per_worker)):
         for name, n in res.items():
@@ -531,7 +545,7 @@ def validate(cfg: Config) -> None:
     _check(t.max_seq_len >= 8, "train.max_seq_len", "an integer >= 8", t.max_seq_len)
     _check(lo.name in LOSS_ROWS, "loss.name", "one of " + ", ".join(LOSS_ROWS), lo.name)
     _check(lo.bc_margin >= 0, "loss.bc_margin", "a boundary margin >= 0", lo.bc_margin)
-    _check(lo.dpo_beta > 0, "loss.dpo_beta", "a value > 0", lo.dpo_beta)
+    _check(lo.beta is None or lo.beta > 0, "loss.beta", "null or a value > 0", lo.beta)
     _check(lo.alignment_weight >= 0 and lo.vft_weight >= 0, "loss.alignment_weight", "weights >= 0", lo.alignment_weight)
     _check(lo.process_gap >= 0, "loss.process_gap", "a value >= 0", lo.process_gap)
     _check(lp.rounds >= 0, "loop.rounds", "an integer >= 0 (0: only round 0, the starting model)", lp.rounds)
@@ -559,7 +573,8 @@ def validate(cfg: Config) -> None:
     _check(tc.num_test is None or tc.num_test >= 0, "task.num_test", "null or >= 0 (0: no evaluation)", tc.num_test)
     _check(tc.max_steps is None or tc.max_steps >= 1, "task.max_steps", "null or >= 1", tc.max_steps)
     a = tc.arith
-    _check(1 <= a.min_steps <= a.max_steps, "task.arith.min_steps", f"1 <= min_steps <= max_steps ({a.max_steps})", a.min_steps)
+    _check(len(a.steps) == 2 and 1 <= a.steps[0] <= a.steps[1], "task.arith.steps", "[lo, hi] with 1 <= lo <= hi",
+           a.steps)
     _check(a.max_value >= 2, "task.arith.max_value", "an integer >= 2", a.max_value)
     if r.engine == "vllm":
         _check(importlib.util.find_spec("vllm") is not None, "rollout.engine", "an engine that is installed: 'vllm' "

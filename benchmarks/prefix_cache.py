@@ -69,7 +69,7 @@ def main() -> None:
     task = load_task(replace(preset.task, num_test=args.questions))
     rows = question_rows(task.test, task, load_tokenizer(path))
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))[:args.threads]))
-    base = replace(preset.rollout, threads_per_actor=args.threads,
+    base = replace(preset.rollout, resources_per_actor={"CPU": args.threads},
                    vllm=replace(preset.rollout.vllm, cpu_cores=cores, kv_cache_gb=2))
     blocks = {"block_32": 32, "block_128": 128}
     runs: dict = {name: [] for name in blocks}

@@ -103,8 +103,8 @@ def main() -> None:
     # in the loop; cpu_cores=auto would give the first engine the cores and leave the others unpinned
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))[:args.threads]))
     cfg = RolloutConfig(engine="vllm", k=args.k, temperature=0.8, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, threads_per_actor=args.threads,
-                        resources_per_actor={"CPU": args.threads}, max_prompt_tokens=512, seed=0,
+                        batch_size=args.batch_size, resources_per_actor={"CPU": args.threads},
+                        max_prompt_tokens=512, seed=0,
                         vllm=VllmConfig(cpu_cores=cores))
     params = SamplingParams.from_config(cfg)
     batches = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]  # as the pool cuts
@@ -116,12 +116,11 @@ def main() -> None:
     # 1. engines in this process: vLLM fp32 and bf16 (eager, as on every CPU) against HF (fp32),
     # same prompts and seeds
     engines, startup = {}, {}
-    for name, kind, over in [("hf", "hf", {}), ("vllm_fp32", "vllm", {"dtype": "float32"}),
-                             ("vllm_bf16", "vllm", {"dtype": "bfloat16"})]:
+    for name, kind, dtype in [("hf", "hf", "float32"), ("vllm_fp32", "vllm", "float32"),
+                              ("vllm_bf16", "vllm", "bfloat16")]:
         if name == "vllm_bf16":  # one in-process vLLM engine core per process: the second gets its own
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-        engines[name], startup[name] = timed(make_engine, kind, path,
-                                             replace(cfg, engine=kind, vllm=replace(cfg.vllm, **over)))
+        engines[name], startup[name] = timed(make_engine, kind, path, replace(cfg, engine=kind), dtype)
         in_process(engines[name], batches[:1], replace(params, max_new_tokens=2))  # first forward pass
     runs: dict = {name: [] for name in engines}
     for _ in range(args.repeats):

@@ -40,8 +40,7 @@ def main() -> None:
     path = resolve_model_path(ModelConfig())
     tokenizer = load_tokenizer(path)
     trainer = load_model(path)  # what train rank 0 holds (fp32, ZeRO-0/2: the whole module)
-    cfg = RolloutConfig(engine="vllm", threads_per_actor=args.threads, resources_per_actor={"CPU": args.threads},
-                        seed=0)
+    cfg = RolloutConfig(engine="vllm", resources_per_actor={"CPU": args.threads}, seed=0)
     pool = RolloutPool(cfg, path, version=0)
     prompt = tokenizer("Q: 3 apples and 4 more?\nA:", add_special_tokens=False)["input_ids"]
     cot = tokenizer(" 3 + 4 = 7\n#### 7", add_special_tokens=False)["input_ids"]

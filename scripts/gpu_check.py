@@ -146,8 +146,8 @@ def check_train_steps(c, steps: int = 8):
 
 def engine(c):
     if c.engine is None:
-        c.engine = HFEngine(c.path, RolloutConfig(resources_per_actor={"GPU": float(c.dev.type == "cuda")},
-                                                  threads_per_actor=torch.get_num_threads()))
+        c.engine = HFEngine(c.path, RolloutConfig(resources_per_actor={"CPU": torch.get_num_threads(),
+                                                                       "GPU": float(c.dev.type == "cuda")}))
     return c.engine
 
 

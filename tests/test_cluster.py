@@ -254,6 +254,18 @@ def test_coordinator_follows_ray_train_version(monkeypatch):
     assert P.coordinator_resources() == {}
 
 
+def test_a_local_ray_leaves_ray_data_a_cpu(monkeypatch):
+    """A locally started Ray: the CPUs the long-lived actors and workers hold, one more for Ray Data's tasks, at
+    least the machine's cores."""
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 2)
+    words_cpu = cfg({"resources_per_actor": {"CPU": 2.0}}, {"resources_per_worker": {"CPU": 2.0}})
+    assert (P.local_cpus(words_cpu), P.local_cpus(cfg())) == (5, 3)
+    assert P.local_cpus(cfg({"num_actors": 3, "resources_per_actor": {"CPU": 0.5}})) == 4  # 2.5 held: 3, + 1
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 16)
+    assert P.local_cpus(words_cpu) == 16
+
+
 def test_ray_options_come_from_the_config():
     c = cfg({"resources_per_actor": {"CPU": 2.0, "GPU": 1.0, "rollout": 1.0}},
             {"num_workers": 2, "resources_per_worker": {"GPU": 1.0, "trainer": 1.0}},

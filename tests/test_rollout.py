@@ -29,7 +29,7 @@ GREEDY = SamplingParams(n=1, temperature=0, max_new_tokens=16)
 
 def config(**kw) -> RolloutConfig:
     return RolloutConfig(**{"k": 4, "temperature": 1.0, "max_new_tokens": 24, "batch_size": 2,
-                            "max_prompt_tokens": MAX_PROMPT, "threads_per_actor": 1, "seed": 0, **kw})
+                            "max_prompt_tokens": MAX_PROMPT, "seed": 0, **kw})
 
 
 def other_weights(model_path, seed=1) -> dict:

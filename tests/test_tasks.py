@@ -219,7 +219,7 @@ def test_arith_reference_verifies_correct_with_full_process_score():
 
 
 def test_arith_knobs():
-    cfg = ArithConfig(min_steps=3, max_steps=5, max_value=20, seed=1)
+    cfg = ArithConfig(steps=[3, 5], max_value=20, seed=1)
     train, test = generate(cfg, 200, 20)
     assert len(train) == 200 and len(test) == 20
     assert not {e.question for e in train} & {e.question for e in test}
@@ -230,10 +230,10 @@ def test_arith_knobs():
         assert max(numbers) < 20 and len(numbers) == 1 + len(ops)  # the start, the events
     chars = set("".join(e.question + e.cot for e in train))
     assert len(chars) <= 50, sorted(chars)
-    one_step, _ = generate(ArithConfig(min_steps=1, max_steps=1, seed=0), 20, 0)
+    one_step, _ = generate(ArithConfig(steps=[1, 1], seed=0), 20, 0)
     assert all(e.cot.count("=") == 1 for e in one_step)
     with pytest.raises(ValueError, match="distinct"):
-        generate(ArithConfig(min_steps=1, max_steps=1, max_value=3, seed=0), 5000, 0)
+        generate(ArithConfig(steps=[1, 1], max_value=3, seed=0), 5000, 0)
 
 
 def test_arith_words_style_draws_the_same_problems():

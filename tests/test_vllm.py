@@ -36,11 +36,11 @@ def cpu_env():
     os.environ.update(saved)
 
 
-def make_vllm(path, **kw):
+def make_vllm(path, dtype="float32", **kw):
     from aftray.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(path, RolloutConfig(**{"engine": "vllm", "max_prompt_tokens": 512, "max_new_tokens": 64,
-                                             "threads_per_actor": 2, "seed": 0, **kw}))
+                                             "resources_per_actor": {"CPU": 2}, "seed": 0, **kw}), dtype)
 
 
 def save_scaled(path: Path, out: Path, scale: float) -> Path:
@@ -154,7 +154,7 @@ def test_reload_in_place(smol, smol_prompts, tmp_path):
     cots = [c.token_ids for cs in engine.generate(smol_prompts, SamplingParams(n=1, temperature=1.0,
                                                                                 max_new_tokens=24, seed=1))
             for c in cs]
-    hf = make_engine("hf", scaled, RolloutConfig(threads_per_actor=2)).score(smol_prompts, cots)
+    hf = make_engine("hf", scaled, RolloutConfig(resources_per_actor={"CPU": 2})).score(smol_prompts, cots)
     assert engine.score(smol_prompts, cots) == pytest.approx(hf, rel=1e-4, abs=1e-3)
     engine.load_weights(path, 2)  # the original folder restores the exact output
     assert [tokens(cs) for cs in engine.generate(smol_prompts, GREEDY)] == before
@@ -241,8 +241,9 @@ def test_without_vllm_the_error_names_the_extra(tiny_model_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_build(tiny_model_path, tmp_path):
     """The same class on vLLM's CUDA build (never run on the CPU-only development machine)."""
-    engine = make_vllm(tiny_model_path, max_prompt_tokens=100, max_new_tokens=24, resources_per_actor={"GPU": 1},
-                       vllm=VllmConfig(gpu_memory_utilization=0.3))  # as gpu_check runs it
+    engine = make_vllm(tiny_model_path, "bfloat16", max_prompt_tokens=100, max_new_tokens=24,
+                       resources_per_actor={"GPU": 1},  # as gpu_check runs it (gsm8k_gpu: train.dtype=bf16)
+                       vllm=VllmConfig(gpu_memory_utilization=0.3))
     tok = engine.tokenizer
     prompts = [tok("Q: 2+3?\nA:")["input_ids"], tok("Q: 7-4?\nA:")["input_ids"]]
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=7)

@@ -121,7 +121,7 @@ class Run:
             # the train workers start (processes, imports, process group) while the samplers start and round 0
             # evaluates, not when round 1 first needs them: ~25 s off the run's critical path on 2 cores
             self.trainer.start()
-        self.pool = RolloutPool(cfg.rollout, self.weights, version=self.version)
+        self.pool = RolloutPool(cfg.rollout, self.weights, version=self.version, dtype=cfg.train.weights_dtype)
         self.evaluator = Evaluator(cfg, self.pool, self.task.answer_kind, self.eval_rows, self.dir)
         self.groups: dict[int, list] = {}  # round -> refs to its group rows' blocks (until it trains)
         # align steps taken so far: where the next stage starts on the run's learning-rate schedule
@@ -164,8 +164,8 @@ class Run:
         options = {"name": self.stage_name(r), "save_weights": r == 0 or r % every == 0 or r == last,
                    "push_weights": sync == "object_store"}
         if sync == "nccl":  # trainer rank 0 broadcasts to the engines; they then hold version r
-            dtype = "float32" if cfg.rollout.vllm.dtype == "float32" else "bfloat16"
-            options["nccl_engines"] = (self.pool.engines, cfg.rollout.vllm.tensor_parallel_size, dtype, r)
+            options["nccl_engines"] = (self.pool.engines, cfg.rollout.vllm.tensor_parallel_size,
+                                       cfg.train.weights_dtype, r)
         if stage == "vft":  # rows built here from the question table, handed over as one object ref
             groups = [ray.put([question_group_row(row) for row in self.train_rows])]
         else:

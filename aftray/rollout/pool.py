@@ -57,7 +57,8 @@ def truncate_prompts(prompts: list[list[int]], limit: int) -> tuple[list[list[in
     return [p[-limit:] for p in prompts], sum(len(p) > limit for p in prompts)
 
 
-def make_engine(kind: str, model_path: str | Path, cfg: RolloutConfig) -> Engine:
+def make_engine(kind: str, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32") -> Engine:
+    """dtype: what vLLM serves, the trainer's weights' (`TrainConfig.weights_dtype`); HF picks its own."""
     # engines import torch/transformers or vLLM (an optional extra): only the process that builds one loads them
     if kind == "hf":
         from aftray.rollout.hf_engine import HFEngine
@@ -66,16 +67,16 @@ def make_engine(kind: str, model_path: str | Path, cfg: RolloutConfig) -> Engine
     if kind == "vllm":
         from aftray.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_path, cfg)
+        return VLLMEngine(model_path, cfg, dtype)
     raise ValueError(f"rollout.engine: expected 'hf' or 'vllm', got {kind!r}")
 
 
 class EngineActor:
     """One engine in its own process for the whole run. Methods return (result, stats for the router)."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, version: int):
+    def __init__(self, model_path: str, cfg: RolloutConfig, version: int, dtype: str):
         self.model_path, self.cfg = model_path, cfg
-        self.engine = make_engine(cfg.engine, model_path, cfg)
+        self.engine = make_engine(cfg.engine, model_path, cfg, dtype)
         self.engine.version = version  # the weights at model_path carry the pool's starting label
 
     def pid(self) -> int:
@@ -208,13 +209,14 @@ def _rollout_batch(batch: pa.Table, router, round_index: int, params: SamplingPa
 class RolloutPool:
     """`cfg.num_actors` engine actors (created here, kept until `shutdown`) and the router before them."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str | Path, version: int = 0):
+    def __init__(self, cfg: RolloutConfig, model_path: str | Path, version: int = 0, dtype: str = "float32"):
         """`version` labels the weights at `model_path`; a later `refresh` must use another label, since
-        engines skip a version they hold (the loop starts a base model at -1: round 0's VFT weights are 0)."""
+        engines skip a version they hold (the loop starts a base model at -1: round 0's VFT weights are 0).
+        `dtype`: the trainer's weights' (`TrainConfig.weights_dtype`), which vLLM engines serve."""
         self.cfg = cfg
         actor = ray.remote(EngineActor).options(**actor_options(cfg), max_restarts=MAX_RESTARTS,
                                                 max_task_retries=MAX_RESTARTS)
-        self._engines = [actor.remote(str(model_path), cfg, version) for _ in range(cfg.num_actors)]
+        self._engines = [actor.remote(str(model_path), cfg, version, dtype) for _ in range(cfg.num_actors)]
         self._weights = Weights(version)  # also keeps an object-store ref alive while engines may need it
         # the router actor; callers stream per-round stats into it too (verify's seconds: router.add)
         self.router = ray.remote(Router).options(num_cpus=0).remote(self._engines, self._weights)

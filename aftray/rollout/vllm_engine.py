@@ -13,9 +13,9 @@ vLLM is an optional extra, imported only here. Choices, and why (measured in doc
 - Tied embeddings are served untied: a layerwise reload never loads a tied LM head, and on CPU the head holds its
   own repacked copy of the embedding, which kept the old weights after every reload. vLLM starts on a copy of the
   model whose config unties the head, with `lm_head.weight` staged beside every checkpoint.
-- CPU: OpenMP threads = `rollout.threads_per_actor`, pinned to cores this engine holds alone
-  (`rollout.vllm.cpu_cores: auto`, `claim_cores`), to a given list, or unpinned; vLLM's own default would pin
-  them to cores train workers may use.
+- CPU: as many OpenMP threads as the actor holds CPUs (`rollout.resources_per_actor.CPU`), pinned to cores this
+  engine holds alone (`rollout.vllm.cpu_cores: auto`, `claim_cores`), to a given list, or unpinned; vLLM's own
+  default would pin them to cores train workers may use.
 - CPU: the engine core runs in the actor's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): a spawned one imports
   vLLM and torch again and would only share the same cores. vLLM's distributed state is per process, and shutting
   one in-process engine down tears it down for all: a process holds one such engine (an `EngineActor` does). A
@@ -24,6 +24,9 @@ vLLM is an optional extra, imported only here. Choices, and why (measured in doc
 - Eager on CPU, CUDA graphs on a GPU the engine holds whole: compiling on CPU gains little for a much longer
   start-up, which short runs and per-arm engines do not win back; on a GPU shared with a trainer (a fraction in
   `rollout.resources_per_actor`) the graphs' memory is not worth the risk.
+- Weights in the dtype the trainer pushes them (`dtype`: bfloat16 with `train.dtype=bf16`, else float32; fp32 on
+  both sides keeps the sampler's log-probs equal to the trainer's, which DPO's reference and the drift check
+  rely on).
 - CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.vllm.block_size`): the prefix cache reuses
   whole blocks only, and a few-shot prefix shorter than one block would be recomputed for every prompt.
 """
@@ -158,7 +161,7 @@ def _stage_lm_head(src: Path, dst: Path, embed: str) -> None:
 
 
 class VLLMEngine(Engine):
-    def __init__(self, model_path: str | Path, cfg: RolloutConfig):
+    def __init__(self, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32"):
         vllm = _import_vllm()
         model_path = Path(model_path)
         on_gpu = cfg.gpus_per_actor > 0
@@ -183,8 +186,7 @@ class VLLMEngine(Engine):
         v = cfg.vllm
         try:
             self.llm = vllm.LLM(
-                model=str(served), dtype=v.dtype if v.dtype != "auto" else
-                ("bfloat16" if on_gpu else "float32"), seed=cfg.seed, max_model_len=max_model_len,
+                model=str(served), dtype=dtype, seed=cfg.seed, max_model_len=max_model_len,
                 logprobs_mode="raw_logprobs", generation_config="vllm", enable_chunked_prefill=False,
                 max_num_batched_tokens=max(MAX_BATCHED_TOKENS, max_model_len),
                 block_size=v.block_size or (None if on_gpu else CPU_BLOCK_SIZE),

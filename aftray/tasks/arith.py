@@ -8,10 +8,11 @@ GSM8K style:
   style "equations": "43-26=17. 17+30=47. 47+28=75. #### 75"  (short, a small character set: char-level models)
   style "words":     "Ann has 43 eggs.\nAnn loses 26, so Ann has 43 - 26 = 17 eggs.\n...\n#### 75"  (one step a
                      line, as GSM8K writes them: for pretrained models)
-Knobs (`task.arith`): steps (min/max events), max_value (numbers in the story are below it), style. Deterministic in `seed` (both styles draw the same problems);
-test questions never repeat a training question. The splits hold NUM_TRAIN and NUM_TEST problems (more when
-task.num_train / task.num_test ask for more), drawn train first: the first n questions of a split are the same
-whatever the split sizes, as long as the training split's size is the same.
+Knobs (`task.arith`): steps ([lo, hi] events, both inclusive), max_value (numbers in the story are below it),
+style. Deterministic in `seed` (both styles draw the same problems); test questions never repeat a training
+question. The splits hold NUM_TRAIN and NUM_TEST problems (more when task.num_train / task.num_test ask for
+more), drawn train first: the first n questions of a split are the same whatever the split sizes, as long as
+the training split's size is the same.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def cot_for(start: int, order: list[int], story: tuple[str, str, dict[int, str]]
 def make_problem(rng: random.Random, cfg: ArithConfig) -> tuple[str, int, list[int], tuple | None]:
     """(question, start, events in story order, story for a words COT or None) with valid running totals and,
     from 2 events on, >= 2 valid orders (one always exists with a loss first: the start is >= 1)."""
-    n = rng.randint(cfg.min_steps, cfg.max_steps)
+    n = rng.randint(*cfg.steps)
     while True:
         start = rng.randint(1, cfg.max_value - 1)
         ops = [rng.choice((1, -1)) * rng.randint(1, cfg.max_value - 1) for _ in range(n)]
@@ -104,7 +105,7 @@ def generate(cfg: ArithConfig, num_train: int = NUM_TRAIN, num_test: int = NUM_T
                 repeats += 1
                 if repeats > 10 * (num_train + num_test):
                     raise ValueError(f"task.arith: cannot generate {num_train + num_test} distinct "
-                                     "questions with these knobs (raise max_value or max_steps)")
+                                     "questions with these knobs (raise max_value or steps)")
                 continue
             seen.add(question)
             cot = cot_for(start, random_valid_order(start, ops, rng), story)

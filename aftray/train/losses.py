@@ -326,6 +326,14 @@ def preference_pairs(batch: ScoredBatch, gap: float = 0.0, need_ref: bool = Fals
     return pairs
 
 
+# `loss.beta` where it is null: DPO's β (the DPO paper's and TRL's default), ORPO's λ (TRL's ORPOConfig.beta)
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 1.0}
+
+
+def beta_of(cfg: LossConfig, method: str) -> float:
+    return DEFAULT_BETA[method] if cfg.beta is None else cfg.beta
+
+
 # method -> its per-group formula and batched twin; the batched side adapted to one signature,
 # (b: ScoredBatch, cfg: LossConfig, constraint) -> (per-group term [G], whether each group had a pair [G])
 @dataclass(frozen=True)
@@ -339,11 +347,11 @@ METHODS = {
     "aft_rank": Method(ranked_alignment,
                        lambda b, cfg, c: batched_ranked_alignment(b.scores, b.mask, b.ranks, c, cfg.bc_margin)),
     "dpo": Method(dpo, lambda b, cfg, c: batched_dpo(b.logp, b.ref_logp, preference_pairs(b, cfg.process_gap, True),
-                                                     cfg.dpo_beta, c, cfg.bc_margin, b.scores)),
+                                                     beta_of(cfg, "dpo"), c, cfg.bc_margin, b.scores)),
     "rrhf": Method(rrhf, lambda b, cfg, c: batched_rrhf(b.scores, b.mask, b.ranks, c, cfg.bc_margin)),
     "pro": Method(pro, lambda b, cfg, c: batched_pro(b.scores, b.mask, b.ranks, c, cfg.bc_margin)),
     "orpo": Method(orpo, lambda b, cfg, c: batched_orpo(b.scores, preference_pairs(b, cfg.process_gap),
-                                                        cfg.orpo_lambda, c, cfg.bc_margin)),
+                                                        beta_of(cfg, "orpo"), c, cfg.bc_margin)),
 }
 
 
