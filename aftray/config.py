@@ -84,7 +84,8 @@ RENAMED = {
                                  "threads as it holds CPUs)",
     **{f"task.arith.{k}": "replaced by task.arith.steps: [lo, hi] (events per problem, both inclusive)"
        for k in ("min_steps", "max_steps")},
-    **{f"loss.{k}": "replaced by loss.beta (DPO's beta, ORPO's lambda; null: 0.1 for DPO, 1.0 for ORPO)"
+    "loss.beta": "renamed to loss.bc_margin (DPO's beta and ORPO's lambda are loss.pref_beta)",
+    **{f"loss.{k}": "replaced by loss.pref_beta (DPO's beta, ORPO's lambda; null: 0.1 for DPO, 1.0 for ORPO)"
        for k in ("dpo_beta", "orpo_lambda")},
 }
 
@@ -199,9 +200,10 @@ class LossConfig:
     alignment_weight: float = 1.0  # lambda in L_VFT + lambda * L_A
     vft_weight: float = 1.0
     vft_on_positives: bool = False  # also run the VFT term on positive samples
-    # DPO's β (r = beta * (S - S_ref)) or ORPO's λ (TRL's ORPOConfig calls it beta too); null: the method's own
+    # DPO's β (r = beta * (S - S_ref)) or ORPO's λ (TRL's ORPOConfig calls it beta too; `loss.beta` was
+    # the BC margin's old name, hence pref_beta); null: the method's own
     # default, 0.1 for DPO, 1.0 for ORPO (aftray.train.losses.DEFAULT_BETA)
-    beta: Optional[float] = None
+    pref_beta: Optional[float] = None
     process_gap: float = 0.0  # eta: DPO/ORPO pairs need a process-score gap >= eta
 
 
@@ -545,7 +547,7 @@ def validate(cfg: Config) -> None:
     _check(t.max_seq_len >= 8, "train.max_seq_len", "an integer >= 8", t.max_seq_len)
     _check(lo.name in LOSS_ROWS, "loss.name", "one of " + ", ".join(LOSS_ROWS), lo.name)
     _check(lo.bc_margin >= 0, "loss.bc_margin", "a boundary margin >= 0", lo.bc_margin)
-    _check(lo.beta is None or lo.beta > 0, "loss.beta", "null or a value > 0", lo.beta)
+    _check(lo.pref_beta is None or lo.pref_beta > 0, "loss.pref_beta", "null or a value > 0", lo.pref_beta)
     _check(lo.alignment_weight >= 0 and lo.vft_weight >= 0, "loss.alignment_weight", "weights >= 0", lo.alignment_weight)
     _check(lo.process_gap >= 0, "loss.process_gap", "a value >= 0", lo.process_gap)
     _check(lp.rounds >= 0, "loop.rounds", "an integer >= 0 (0: only round 0, the starting model)", lp.rounds)

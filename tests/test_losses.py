@@ -391,7 +391,7 @@ def test_objective_composition_and_vft_targets():
 
 
 def test_objectives_take_their_loss_keys():
-    """loss.beta (DPO's β, ORPO's λ; null: 0.1 and 1.0) and loss.process_gap reach the method terms (as
+    """loss.pref_beta (DPO's β, ORPO's λ; null: 0.1 and 1.0) and loss.process_gap reach the method terms (as
     per-group sums)."""
     batch = _scored(torch.Generator().manual_seed(6))
     groups = [(batch.positive[i][m], m, i) for i, m in enumerate(batch.mask)]
@@ -401,9 +401,9 @@ def test_objectives_take_their_loss_keys():
 
     for beta, dpo_beta, orpo_lambda in ((None, 0.1, 1.0), (0.3, 0.3, 0.3)):
         dpo = sum(L.dpo(batch.logp[i][m], batch.ref_logp[i][m], p, dpo_beta).item() for p, m, i in groups) / 4
-        assert alignment(name="dpo", beta=beta) == pytest.approx(dpo, rel=1e-5)
+        assert alignment(name="dpo", pref_beta=beta) == pytest.approx(dpo, rel=1e-5)
         orpo = sum(L.orpo(batch.scores[i][m], p, orpo_lambda).item() for p, m, i in groups) / 4
-        assert alignment(name="orpo", beta=beta) == pytest.approx(orpo, rel=1e-5)
+        assert alignment(name="orpo", pref_beta=beta) == pytest.approx(orpo, rel=1e-5)
     # process scores lie in [0, 1]: a required gap of 2 leaves no pair
     assert alignment(name="dpo", process_gap=2.0) == 0 and alignment(name="dpo") > 0
 

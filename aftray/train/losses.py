@@ -326,12 +326,12 @@ def preference_pairs(batch: ScoredBatch, gap: float = 0.0, need_ref: bool = Fals
     return pairs
 
 
-# `loss.beta` where it is null: DPO's β (the DPO paper's and TRL's default), ORPO's λ (TRL's ORPOConfig.beta)
+# `loss.pref_beta` where it is null: DPO's β (the DPO paper's and TRL's default), ORPO's λ (TRL's ORPOConfig.beta)
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 1.0}
 
 
 def beta_of(cfg: LossConfig, method: str) -> float:
-    return DEFAULT_BETA[method] if cfg.beta is None else cfg.beta
+    return DEFAULT_BETA[method] if cfg.pref_beta is None else cfg.pref_beta
 
 
 # method -> its per-group formula and batched twin; the batched side adapted to one signature,
