@@ -48,7 +48,11 @@ def run_command(argv: list[str] | None) -> int:
     sample.add_argument("--config")
     sample.add_argument("--questions", type=int, default=3)
     sample.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    # overrides may also follow the options (`sample ckpt --questions 2 rollout.k=3`), where argparse leaves them
+    args, rest = parser.parse_known_args(argv)
+    if any("=" not in a for a in rest):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides += rest
     setup_logging()
     # `aftray run key=value` without a preset: argparse puts the first override in `config`
     if args.command == "run" and args.config and "=" in args.config:

@@ -37,3 +37,17 @@ def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1] == \
         f"error: {tmp_path / 'nothing'}: not a folder (expected an HF checkpoint folder)"
+
+
+def test_sample_prints_each_question_with_its_labelled_cots(tmp_path, tiny_model_path):
+    """`aftray sample`: the first --questions held-out questions, each with its gold answer and k labelled COTs."""
+    cmd = [sys.executable, "-m", "aftray.cli", "sample", str(tiny_model_path), "--config", "configs/arith_cpu.yaml",
+           "--questions", "2", f"output_dir={tmp_path}", "rollout.engine=hf", "rollout.k=3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    groups = out.stdout.split("=== ")[1:]
+    assert len(groups) == 2, out.stdout[-3000:]
+    for group in groups:
+        assert "(gold " in group.splitlines()[0]
+        labels = [line.split()[1] for line in group.splitlines() if line.startswith("--- ")]
+        assert len(labels) == 3 and set(labels) <= {"correct", "wrong_answer", "no_answer", "truncated"}, group
