@@ -221,7 +221,7 @@ class VLLMEngine(Engine):
         """Compute the prompts' common prefix (the instruction and few-shot examples) alone, into the prefix
         cache, before the prompts themselves. vLLM reuses only blocks computed in an earlier engine step: the
         prompts of one step each recompute the prefix, and after a weight refresh (cache reset) the first step
-        holds ~90 prompts (docs/vllm.md: 200 greedy questions 38.6 -> 24.2 s with the prefix cached)."""
+        holds ~90 prompts (docs/vllm.md: the default run's 200 greedy questions 38.6 -> 33.8 s)."""
         import vllm
         from vllm.inputs import TokensPrompt
 
