@@ -323,16 +323,15 @@ def _autoscaler_can_add_nodes() -> bool:
         return False
 
 
-def _fits_with_spare_cpu(cfg: Config) -> dict[str, float]:
-    """Ray Data's read and verify tasks need CPUs outside the actors; warn (not fail) if none is left."""
-    need = required_resources(cfg)
-    spare = sum(n.resources.get("CPU", 0.0) for n in cluster_nodes()) - need.get("CPU", 0.0)
-    if spare < 1 - _EPS:
-        logger.warning("placement: rollout actors and train workers take every CPU (%s left); Ray Data "
-                       "read/verify tasks will queue behind them. Lower rollout.resources_per_actor.CPU / "
-                       "train.resources_per_worker.CPU.",
-                       _num(max(spare, 0.0)))
-    return need
+def no_spare_cpu(cfg: Config, nodes: list[Node]) -> str | None:
+    """Why the run would hang, or None: Ray Data's read and verify tasks take a CPU each, outside the rollout
+    actors and train workers, which hold theirs for the whole run; with none left they would wait for ever."""
+    held = required_resources(cfg).get("CPU", 0.0)
+    total = sum(n.resources.get("CPU", 0.0) for n in nodes)
+    if total - held >= 1 - _EPS:
+        return None
+    return (f"the rollout actors and train workers hold {_num(held)} of the cluster's {_num(total)} CPUs, and Ray "
+            "Data's read and verify tasks need one more (a locally started Ray gets it: aftray.cluster.local_cpus)")
 
 
 def check_cluster_fits(cfg: Config, timeout_s: float | None = None) -> dict[str, float]:
@@ -343,25 +342,27 @@ def check_cluster_fits(cfg: Config, timeout_s: float | None = None) -> dict[str,
     (default `cluster.precheck_timeout_s`; GPU nodes take minutes to boot, so raise it to scale from zero).
     """
     groups = bundle_groups(cfg)
-    problem = find_misfit(groups, cluster_nodes())
+    nodes = cluster_nodes()
+    problem = find_misfit(groups, nodes) or no_spare_cpu(cfg, nodes)
     if problem is None:
-        return _fits_with_spare_cpu(cfg)
+        return required_resources(cfg)
     timeout = cfg.cluster.precheck_timeout_s if timeout_s is None else timeout_s
     if timeout > 0 and _autoscaler_can_add_nodes():
         from ray.autoscaler.sdk import request_resources
 
-        bundles = [dict(g.bundle) for g in groups for _ in range(g.count)]
+        bundles = [dict(g.bundle) for g in groups for _ in range(g.count)] + [{"CPU": 1.0}]  # + Ray Data's
         logger.info("placement: waiting up to %.0f s for the autoscaler: %s", timeout, problem)
         request_resources(bundles=bundles)
         try:
             deadline = time.monotonic() + timeout
             while problem is not None and time.monotonic() < deadline:
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-                problem = find_misfit(groups, cluster_nodes())
+                nodes = cluster_nodes()
+                problem = find_misfit(groups, nodes) or no_spare_cpu(cfg, nodes)
         finally:
             request_resources(bundles=[])  # the actors hold the nodes from here; don't pin them after the job
         if problem is None:
-            return _fits_with_spare_cpu(cfg)
+            return required_resources(cfg)
         problem += f" [waited {timeout:.0f} s for the autoscaler; raise cluster.precheck_timeout_s]"
     raise PlacementError(f"cluster cannot hold this run: {problem}. Lower rollout.num_actors / "
                          "train.num_workers or their per-actor resources, or add nodes that carry them "
@@ -379,6 +380,7 @@ __all__ = [
     "cluster_nodes",
     "coordinator_resources",
     "find_misfit",
+    "no_spare_cpu",
     "free_port",
     "local_cpus",
     "nccl_env",

@@ -56,7 +56,7 @@ def ray_local(_ray_shutdown_at_exit, request):
 def start_local_ray(runtime_env: dict | None = None) -> None:
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    ray.init(address="local", num_cpus=5, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
 
 
 @pytest.fixture

@@ -361,7 +361,7 @@ def test_waits_for_an_autoscaler_then_passes(monkeypatch):
     monkeypatch.setattr(P, "cluster_nodes", lambda: next(arrivals, TWO_NODES))
     c = one_each()
     assert P.check_cluster_fits(c, timeout_s=30)["trainer"] == 1.0
-    assert len(requests[0]["bundles"]) == 2 and requests[-1] == {"bundles": []}  # asked, then released
+    assert len(requests[0]["bundles"]) == 3 and requests[-1] == {"bundles": []}  # asked (+ a CPU for Ray Data), then released
 
 
 def test_gives_up_on_the_autoscaler_after_the_timeout(monkeypatch):
@@ -486,3 +486,14 @@ def test_tensor_parallel_needs_vllm_and_the_gpus():
                 ["rollout.vllm.tensor_parallel_size=0"]):
         with pytest.raises(ConfigError, match="^rollout.vllm.tensor_parallel_size: expected"):
             load_config(None, bad)
+
+
+def test_a_cluster_the_actors_fill_is_refused_not_left_to_hang():
+    """Ray Data's read and verify tasks need a CPU beside the actors and workers, which hold theirs all run."""
+    from aftray.config import load_config
+
+    words = load_config(Path(__file__).parents[1] / "configs" / "words_cpu.yaml")  # 2 + 2 CPUs held
+    assert P.no_spare_cpu(words, [Node("n", {"CPU": 5})]) is None
+    msg = P.no_spare_cpu(words, [Node("a", {"CPU": 2}), Node("b", {"CPU": 2})])
+    assert msg.startswith("the rollout actors and train workers hold 4 of the cluster's 4 CPUs"), msg
+    assert P.local_cpus(words) >= 5
