@@ -342,8 +342,11 @@ def check_cluster_fits(cfg: Config, timeout_s: float | None = None) -> dict[str,
     (default `cluster.precheck_timeout_s`; GPU nodes take minutes to boot, so raise it to scale from zero).
     """
     groups = bundle_groups(cfg)
-    nodes = cluster_nodes()
-    problem = find_misfit(groups, nodes) or no_spare_cpu(cfg, nodes)
+
+    def problem_on(nodes: list[Node]) -> str | None:
+        return find_misfit(groups, nodes) or no_spare_cpu(cfg, nodes)
+
+    problem = problem_on(cluster_nodes())
     if problem is None:
         return required_resources(cfg)
     timeout = cfg.cluster.precheck_timeout_s if timeout_s is None else timeout_s
@@ -357,8 +360,7 @@ def check_cluster_fits(cfg: Config, timeout_s: float | None = None) -> dict[str,
             deadline = time.monotonic() + timeout
             while problem is not None and time.monotonic() < deadline:
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-                nodes = cluster_nodes()
-                problem = find_misfit(groups, nodes) or no_spare_cpu(cfg, nodes)
+                problem = problem_on(cluster_nodes())
         finally:
             request_resources(bundles=[])  # the actors hold the nodes from here; don't pin them after the job
         if problem is None:

@@ -212,27 +212,9 @@ class VLLMEngine(Engine):
                                         max_tokens=p.max_new_tokens, seed=p.seed, logprobs=0,
                                         stop_token_ids=self.stop_ids)
                     for p in per_prompt(params, len(prompt_ids))]
-        self._cache_shared_prefix(prompt_ids, [None])
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], sampling,
                                     use_tqdm=False)
         return [[_completion(o) for o in out.outputs] for out in outputs]
-
-    def _cache_shared_prefix(self, prompt_ids: list[list[int]], salts: list[str | None]) -> None:
-        """Compute the prompts' common prefix (the instruction and few-shot examples) alone, into the prefix
-        cache, before the prompts themselves. vLLM reuses only blocks computed in an earlier engine step: the
-        prompts of one step each recompute the prefix, and after a weight refresh (cache reset) the first step
-        holds ~90 prompts (docs/vllm.md: the default run's 200 greedy questions 38.6 -> 33.8 s)."""
-        import vllm
-        from vllm.inputs import TokensPrompt
-
-        block = self.llm.llm_engine.vllm_config.cache_config.block_size
-        shared = len(os.path.commonprefix(prompt_ids)) // block * block if len(prompt_ids) > 1 else 0
-        if shared == 0:
-            return
-        prefix = list(prompt_ids[0][:shared])
-        self.llm.generate([TokensPrompt(prompt_token_ids=prefix, cache_salt=salt) if salt else
-                           TokensPrompt(prompt_token_ids=prefix) for salt in salts],
-                          vllm.SamplingParams(max_tokens=1, temperature=0, detokenize=False), use_tqdm=False)
 
     def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]]) -> list[float]:
         import vllm
@@ -254,7 +236,6 @@ class VLLMEngine(Engine):
             salts.append(f"score-{seen[head]}")
         self.llm.reset_prefix_cache()
         prompts = list({(tuple(p[:-1]), salt): None for p, salt in zip(prompt_ids, salts) if len(p) > 1})
-        self._cache_shared_prefix([list(p) for p, _ in prompts], sorted(set(salts)))
         self.llm.generate([TokensPrompt(prompt_token_ids=list(p), cache_salt=salt) for p, salt in prompts],
                           vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
         outputs = self._prompt_logprobs(sequences, salts)
