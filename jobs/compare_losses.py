@@ -24,6 +24,11 @@ are every arm vs VFT-continued and vs its start, aft_bc vs rft, and `--contrast 
     python jobs/compare_losses.py --arms vft_continued,rft,aft_bc --seeds 0,1,2,3,4,5 --task-seeds 0,1,2 \
         --contrast aft_bc:aft_dc --out runs/compare_tasks --results-md docs/results.md --results-section tasks
 
+A later experiment that pairs new arms with an earlier one's runs (E2: VFT-continued at lower learning rates,
+declared as `variants`, against E1's AFT-BC; its declaration names e1 under `reuse`):
+
+    python jobs/compare_losses.py --declaration configs/experiments/e2.yaml --bases runs/e1 --out runs/e2
+
 A shared hyper-parameter grid (every arm runs at every setting; docs/results.md reports how it was used):
 
     python jobs/compare_losses.py --arms vft_continued,rft,aft_bc,dpo --seeds 3 --base-seed 0 \
@@ -63,7 +68,9 @@ def main() -> int:
                              "as in the paper)")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="run every arm at each value (repeatable: the cartesian product)")
-    parser.add_argument("--bases", help="folder of the VFT base runs (default: --out), to share them")
+    parser.add_argument("--bases", help="folder of the VFT base runs (default: --out), to share them; with a "
+                        "declaration whose `reuse` names their experiment, also its finished arm runs of the same "
+                        "name and config (paired, not re-run)")
     parser.add_argument("--base-seed", type=int, help="the shared bases' seed (default: the first seed)")
     parser.add_argument("--contrast", action="append", default=[], metavar="A:B",
                         help="also report arm A minus arm B, paired by seed (repeatable)")

@@ -1,10 +1,12 @@
 """The loss-comparison harness: aggregation over seeds, paired statistics, task seeds, the results page (fast), and a
 reduced comparison end to end (slow: 2 arms, 1 seed) that checks the harness, not the effect."""
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aftray.config import load_config
 from aftray.experiments.compare import (ARMS, PAPER_ARMS, _tag, _versions, aggregate, markdown_table,
@@ -204,6 +206,30 @@ def test_runs_of_another_experiment_are_refused_before_anything_runs(tmp_path):
     assert [p.name for p in out.iterdir()] == ["aft_bc_s0"]  # no MLflow run, no train workers, no base
 
 
+def test_a_run_of_a_reused_experiment_is_paired_only_with_the_same_config(tmp_path):
+    """E2 pairs its arms with E1's finished runs in the folder --bases names (`reuse: [e1]`), without re-running
+    them; a run of the same name with another config is refused by name, one of an experiment not reused ignored."""
+    from aftray.config import save_config
+    from aftray.experiments.compare import _reused_run
+
+    def config(folder, *extra):
+        return load_config(PRESET, [f"output_dir={tmp_path / folder}", "run_name=aft_bc_s0", *extra])
+
+    made = config("e1")
+    save_config(made, made.run_dir / "config.yaml")
+    summary = {"run_name": "aft_bc_s0", "mode": "online", "loss": "aft_bc", "model": "tiny", "task": "arith",
+               "final": {}, **_summary([0.2] * (made.loop.rounds + 1)), "experiment": {"name": "e1", "sha256": "x"}}
+    (made.run_dir / "summary.json").write_text(json.dumps(summary))
+    e2 = _declaration(tmp_path, ["aft_bc - vft_continued"], name="e2")
+    assert _reused_run(config("e2"), Path(made.output_dir), e2) is None  # e2 does not name e1 under `reuse`
+    reusing = dataclasses.replace(e2, reuse=["e1"])
+    assert _reused_run(config("e2"), Path(made.output_dir), reusing)["rounds"] == summary["rounds"]
+    with pytest.raises(ValueError, match=r"e1/aft_bc_s0: a run to reuse, but its config differs from e2's in "
+                                         r"train.lr \(0.001, here 1e-05\)"):
+        _reused_run(config("e2", "train.lr=1e-5"), Path(made.output_dir), reusing)
+    assert _reused_run(config("e1"), Path(made.output_dir), reusing) is None  # its own folder: not a reuse
+
+
 @pytest.mark.parametrize("preset, kwargs, match", [
     (REPO / "configs" / "gsm8k_offline.yaml", {"task_seeds": [0, 1]}, "--task-seeds needs task.name=arith"),
     (PRESET, {"contrasts": [("aft_bc", "aft_dc")]}, "--contrast: unknown.*aft_dc"),
@@ -292,6 +318,21 @@ def test_reduced_comparison_end_to_end(tmp_path):
         run_comparison(PRESET, arms, [0], out, SMALL + ["loop.rounds=1"],
                        declaration=_declaration(tmp_path, ["aft_bc - start"], name="e2"))
     assert {p.name for p in (out / "plots").iterdir()} == {"accuracy.png", "assessment.png", "scores.png"}
+
+    # a later experiment reusing this one's runs (E2's layout): AFT-BC paired from this folder, not re-run; only
+    # the variant (VFT-continued at another lr) runs, from the same base
+    e2 = tmp_path / "e2.yaml"
+    e2.write_text(f"name: e2\nquestion: q\nconfig: {PRESET}\narms: [aft_bc, vft_half]\nvariants:\n"
+                  "  vft_half: {arm: vft_continued, overrides: [train.lr=5e-4]}\nseeds: [0]\n"
+                  "contrasts: [aft_bc - vft_half]\nprimary: seed\nalpha: 0.05\nreuse: [e1]\n")
+    later = run_comparison(PRESET, ["aft_bc", "vft_half"], [0], tmp_path / "e2", SMALL + ["loop.rounds=1"],
+                           bases_dir=out, declaration=load_declaration(e2))
+    assert sorted(p.name for p in (tmp_path / "e2").glob("*_s0")) == ["vft_half_s0"]
+    assert later["reused"] == {"from": str(out), "runs": {"aft_bc": [0]}}
+    assert later["arms"]["aft_bc"]["per_seed_final_accuracy"] == {0: second["accuracy"]}
+    half = json.loads((tmp_path / "e2" / "vft_half_s0" / "summary.json").read_text())
+    assert half["experiment"]["name"] == "e2" and half["rounds"][0] == summaries["aft_bc"]["rounds"][0]
+    assert yaml.safe_load((tmp_path / "e2" / "vft_half_s0" / "config.yaml").read_text())["train"]["lr"] == 5e-4
 
     # MLflow: one parent run, a child run per arm (and the shared base)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'cmp' / 'mlflow.db'}")

@@ -98,11 +98,39 @@ def test_a_bad_declaration_is_named(tmp_path, change, match):
         _declare(tmp_path, DECLARATION.replace(*change))
 
 
-def test_the_testbed_declaration_names_real_arms_and_preset():
-    from aftray.experiments.compare import ARMS
+VARIANTS = """arms: [vft_continued, aft_bc, vft_half]
+variants:
+  vft_half: {arm: vft_continued, overrides: [train.lr=1.5e-5]}
+"""
 
-    d = load_declaration(REPO / "configs" / "experiments" / "testbed.yaml")
-    assert set(d.arms) <= set(ARMS) and (REPO / d.config).is_file() and d.primary == "seed"
+
+def test_a_variant_is_an_arm_at_other_settings(tmp_path):
+    from aftray.experiments.compare import overrides_of_arms
+
+    d = _declare(tmp_path, DECLARATION.replace("arms: [vft_continued, aft_bc]\n", VARIANTS))
+    assert d.variants == {"vft_half": ("vft_continued", ["train.lr=1.5e-5"])}
+    assert overrides_of_arms(d.arms, d.variants)["vft_half"] == ("loss.name=vft", "train.lr=1.5e-5")
+    with pytest.raises(ValueError, match=r"--arms: unknown \['vft_half \(variant of vft\)'\]"):
+        overrides_of_arms(d.arms, {"vft_half": ("vft", [])})
+
+
+@pytest.mark.parametrize("change, match", [
+    (("arms: [vft_continued, aft_bc, vft_half]", "arms: [vft_continued, aft_bc]"), "vft_half: a label .* in arms"),
+    (("overrides: [train.lr=1.5e-5]", "overrides: [train.lr]"), r"vft_half: \{arm: <an arm>, overrides"),
+    (("{arm: vft_continued, overrides: [train.lr=1.5e-5]}", "vft_continued"), r"vft_half: \{arm: <an arm>"),
+])
+def test_a_bad_variant_is_named(tmp_path, change, match):
+    with pytest.raises(ValueError, match=f"e.yaml: variants: expected {match}"):
+        _declare(tmp_path, DECLARATION.replace("arms: [vft_continued, aft_bc]\n", VARIANTS.replace(*change)))
+
+
+@pytest.mark.parametrize("name", ["testbed", "e1", "e2"])
+def test_the_committed_declarations_name_real_arms_and_presets(name):
+    from aftray.experiments.compare import overrides_of_arms
+
+    d = load_declaration(REPO / "configs" / "experiments" / f"{name}.yaml")
+    overrides_of_arms(d.arms, d.variants)  # raises on an unknown arm
+    assert (REPO / d.config).is_file() and d.primary == "seed"
 
 
 def _summary(experiment: str | None, sha256: str = "x") -> dict:

@@ -31,7 +31,9 @@ import statistics
 import time
 from pathlib import Path
 
-from aftray.config import load_config
+import yaml
+
+from aftray.config import load_config, to_dict
 from aftray.experiments.declaration import START, Declaration, check_pooling
 from aftray.experiments.stats import holm, paired_test, task_level_test
 from aftray.loss_table import LOSS_TABLE
@@ -125,9 +127,8 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
     out_dir = Path(out_dir).absolute()
     bases_dir = Path(bases_dir).absolute() if bases_dir else out_dir
     overrides = list(overrides or [])
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise ValueError(f"--arms: unknown {unknown}; expected some of {', '.join(ARMS)}")
+    variants = declaration.variants if declaration else {}
+    arm_overrides = overrides_of_arms(arms, variants)
     settings = grid_settings(grid)
     first = load_config(preset, overrides + settings[0][1] + [f"output_dir={out_dir}"])  # fail fast on bad input
     label = {(arm, name): f"{arm}_{name}" if name else arm for name, _ in settings for arm in arms}
@@ -140,6 +141,7 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
     start = time.perf_counter()
     runs: dict[str, dict[int, dict]] = {label[arm, name]: {} for name, _ in settings for arm in arms}
     bases: dict[str, dict] = {}
+    reused: dict[str, list[int]] = {}  # label -> the seeds whose runs an earlier experiment made (`_reused_run`)
     # one set of train workers for every run: their start-up (~35 s here) is paid once, not once per arm
     with (Tracker(first.tracking, out_dir / "parent", out_dir.name, out_dir) as parent,
           TrainService(first.train, out_dir / "train_state", first.cluster.placement_strategy) as trainer):
@@ -162,17 +164,24 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
             for name, setting in settings:
                 for arm in arms:
                     cfg = load_config(preset, seeded + setting + [f"run_name={label[arm, name]}_{_tag(t, seed)}",
-                                                                  *ARMS[arm]])
-                    _link_round_zero(base.run_dir, cfg.run_dir)
-                    runs[label[arm, name]][seed] = _recorded(
-                        cfg, _finished(cfg) or run_loop(cfg, parent.run_id, trainer), declaration)
+                                                                  *arm_overrides[arm]])
+                    summary = _reused_run(cfg, bases_dir, declaration)
+                    if summary:
+                        reused.setdefault(label[arm, name], []).append(seed)
+                    else:
+                        _link_round_zero(base.run_dir, cfg.run_dir)
+                        summary = _finished(cfg) or run_loop(cfg, parent.run_id, trainer)
+                    runs[label[arm, name]][seed] = _recorded(cfg, summary, declaration)
         controls = {label[arm, name]: label.get(("vft_continued", name)) for name, _ in settings for arm in arms}
         result = aggregate(runs, first.loop.rounds, controls, contrasts, task_of, declaration)
         result.update(preset=str(preset), overrides=overrides, seeds=seeds, task_seeds=task_seeds,
                       arm_names=arms, shared_base=shared_base,
                       grid=grid or {}, wall_time_s=time.perf_counter() - start, versions=_versions(),
                       cpus=len(os.sched_getaffinity(0)),  # the cores this process may use
-                      runs_time_s=runs_time(bases, runs))
+                      reused={"from": str(bases_dir), "runs": reused} if reused else None,
+                      runs_time_s=runs_time(bases, {a: {s: r for s, r in by_seed.items()
+                                                        if s not in reused.get(a, ())}
+                                                    for a, by_seed in runs.items()}))
         write_json(out_dir / "comparison.json", result)
         (out_dir / "comparison.md").write_text(markdown_table(result))
         for path in plot_comparison(result, out_dir / "plots"):
@@ -183,6 +192,47 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
                             for arm, s in result["arms"].items()}, step=first.loop.rounds)
     log.info("comparison written to %s (%.0f s)", out_dir, result["wall_time_s"])
     return result
+
+
+def overrides_of_arms(arms: list[str], variants: dict[str, tuple[str, list[str]]]) -> dict[str, tuple[str, ...]]:
+    """Label -> the overrides its runs take: an arm of `ARMS`, or a declared variant (an arm at other settings,
+    its overrides after the arm's)."""
+    unknown = [a for a in arms if a not in ARMS and a not in variants]
+    unknown += [f"{label} (variant of {arm})" for label, (arm, _) in variants.items() if arm not in ARMS]
+    if unknown:
+        raise ValueError(f"--arms: unknown {unknown}; expected some of {', '.join(ARMS)}")
+    return {a: (*ARMS[variants[a][0]], *variants[a][1]) if a in variants else ARMS[a] for a in arms}
+
+
+def _reused_run(cfg, bases_dir: Path, declaration: Declaration | None) -> dict | None:
+    """The summary of a finished run in the shared folder (`bases_dir`) under the same name, made by an experiment
+    the declaration reuses, so that a later experiment pairs its arms with an earlier one's runs instead of
+    re-running them (E2's controls with E1's AFT-BC). Its config must be this run's, but for its folder."""
+    other = bases_dir / cfg.run_name
+    if declaration is None or other == cfg.run_dir or not (other / "summary.json").is_file():
+        return None
+    summary = read_summary(other / "summary.json")
+    if ((summary.get("experiment") or {}).get("name") not in declaration.reuse
+            or len(summary["rounds"]) != cfg.loop.rounds + 1):
+        return None
+    theirs = _flat(yaml.safe_load((other / "config.yaml").read_text()))
+    mine = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # as config.yaml holds it
+    differ = sorted(k for k in theirs.keys() | mine.keys() if k != "output_dir" and theirs.get(k) != mine.get(k))
+    if differ:
+        raise ValueError(f"{other}: a run to reuse, but its config differs from {declaration.name}'s in "
+                         + ", ".join(f"{k} ({theirs.get(k)!r}, here {mine.get(k)!r})" for k in differ))
+    return summary
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _existing_runs(out_dir: Path, bases_dir: Path) -> dict[str, dict]:

@@ -8,12 +8,15 @@ runs that another experiment made, unless the declaration names that experiment 
     config: configs/arith_compare.yaml
     overrides: []                  # key=value, as on the command line
     arms: [vft_continued, rft, aft_bc]
+    variants: {}                   # an arm at other settings, named in `arms`: label -> {arm, overrides}, e.g.
+                                   # vft_continued_lr1.5e-5: {arm: vft_continued, overrides: [train.lr=1.5e-5]}
     seeds: [0, 1, 2]
     task_seeds: null               # or a list (arith only): the task-level test needs at least two
     contrasts: [aft_bc - vft_continued, aft_bc - rft, aft_bc - start]  # `start`: the arm's own round 0
     primary: seed                  # the unit of the test that decides "resolved": seed or task
     alpha: 0.05                    # on Holm-adjusted p-values over the contrasts
-    reuse: []                      # experiments whose runs this one may pool (e.g. shared bases)
+    reuse: []                      # experiments whose runs this one may pool: their bases, and (from the
+                                   # folder --bases names) their finished arm runs of the same name and config
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import yaml
 
 START = "start"  # the second arm of a contrast with the arm's own starting model (round 0, the base's accuracy)
 UNITS = ("seed", "task")
-KEYS = ("name", "question", "config", "overrides", "arms", "seeds", "task_seeds", "contrasts", "primary", "alpha",
-        "reuse")
+KEYS = ("name", "question", "config", "overrides", "arms", "variants", "seeds", "task_seeds", "contrasts", "primary",
+        "alpha", "reuse")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Declaration:
     config: str
     overrides: list[str]
     arms: list[str]
+    variants: dict[str, tuple[str, list[str]]]  # label -> (the arm it varies, its overrides)
     seeds: list[int]
     task_seeds: list[int] | None
     contrasts: list[tuple[str, str]]
@@ -84,6 +88,7 @@ def load_declaration(path: str | Path) -> Declaration:
             raise bad(key, f"a list of {kind.__name__}")
     if not raw["arms"] or not raw["seeds"]:
         raise bad("arms" if not raw["arms"] else "seeds", "a non-empty list")
+    variants = _variants(raw.get("variants") or {}, raw["arms"], lambda expected: bad("variants", expected))
     try:
         contrasts = [parse_contrast(c) for c in raw["contrasts"]]
     except ValueError as e:
@@ -98,10 +103,29 @@ def load_declaration(path: str | Path) -> Declaration:
     if not isinstance(raw["alpha"], float) or not 0 < raw["alpha"] < 1:
         raise bad("alpha", "a number between 0 and 1")
     return Declaration(name=raw["name"], question=str(raw["question"]), config=str(raw["config"]),
-                       overrides=list(raw.get("overrides") or []), arms=raw["arms"], seeds=raw["seeds"],
+                       overrides=list(raw.get("overrides") or []), arms=raw["arms"], variants=variants,
+                       seeds=raw["seeds"],
                        task_seeds=raw.get("task_seeds") or None, contrasts=contrasts, primary=raw["primary"],
                        alpha=raw["alpha"], reuse=list(raw.get("reuse") or []), path=str(path), text=text,
                        sha256=hashlib.sha256(text.encode()).hexdigest())
+
+
+def _variants(raw, arms: list[str], bad) -> dict[str, tuple[str, list[str]]]:
+    """`variants` -> {label: (arm, overrides)}; each label is also listed in `arms` (it runs), and a name a run
+    folder can carry. Whether each `arm` exists is checked with the arms (aftray.experiments.compare)."""
+    if not isinstance(raw, dict):
+        raise bad("a mapping of label -> {arm: ..., overrides: [key=value, ...]}")
+    out = {}
+    for label, spec in raw.items():
+        ok = (isinstance(spec, dict) and set(spec) == {"arm", "overrides"} and isinstance(spec["arm"], str)
+              and isinstance(spec["overrides"], list) and all(isinstance(o, str) and "=" in o
+                                                               for o in spec["overrides"]))
+        if not ok:
+            raise bad(f"{label}: {{arm: <an arm>, overrides: [key=value, ...]}}")
+        if not re.fullmatch(r"[\w.-]+", str(label)) or label not in arms:
+            raise bad(f"{label}: a label of letters, digits, '_', '.' or '-', listed in arms")
+        out[label] = (spec["arm"], list(spec["overrides"]))
+    return out
 
 
 def check_pooling(summaries: dict[str, dict], declaration: Declaration) -> None:

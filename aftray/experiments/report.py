@@ -49,9 +49,20 @@ def _header(result: dict, command: str) -> list[str]:
         f"Preset: `{result['preset']}` with overrides `{' '.join(result['overrides']) or '(none)'}`  ",
         f"Seeds: {result['seeds']}; task seeds: {result['task_seeds'] or 'none (the preset task)'}; "
         f"arms: {', '.join(result['arm_names'])}  ",
+        *_reused(result),
         f"Time: the runs took {result['runs_time_s'] / 60:.1f} min in all (sum of their rounds' wall times; "
         f"this invocation {result['wall_time_s'] / 60:.1f} min) on {_machine(result)}; versions: {versions}",
     ]
+
+
+def _reused(result: dict) -> list[str]:
+    """Which runs came from an earlier experiment (its `reuse`), not from this command (their time is not
+    counted)."""
+    reused = result.get("reused")
+    if not reused:
+        return []
+    runs = "; ".join(f"{label} (seeds {', '.join(map(str, seeds))})" for label, seeds in reused["runs"].items())
+    return [f"Reused, not re-run: the finished runs of {runs}, from `{reused['from']}`  "]
 
 
 def update_results_page(result: dict, out_dir: Path, page: Path, command: str, section: str | None = None) -> None:
