@@ -148,8 +148,8 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
 
     rows: dicts with `prompt_ids`, `ref_cot_ids`, `cot_ids`, `correct`, `rank`, `process`, `sample_logp`
     (lists or numpy arrays, as Ray Data hands them over). with_ref / with_samples: include the reference COT /
-    the sampled COTs (see `aftray.loss_table.LossRow.sequences_needed`). shared_prefix: one prompt per group
-    (the layout in the module docstring); `packed` is then implied."""
+    the sampled COTs (see `aftray.loss_table.LossRow.sequences_needed`). shared_prefix: each prompt part once,
+    as a prefix tree (the layout in the module docstring); `packed` is then implied."""
     g_count = len(rows)
     k_max = max((len(r["cot_ids"]) for r in rows), default=0) if with_samples else 0
     mask = torch.zeros(g_count, k_max, dtype=torch.bool)
