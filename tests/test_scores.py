@@ -255,7 +255,7 @@ SHOT = 12  # tokens of the exemplar few_shot_rows puts before every question
 
 def few_shot_rows(seed, sizes, prompt_is_shot=None):
     """make_rows under one exemplar, as a few-shot prompt puts it before every question; the group at
-    prompt_is_shot has the exemplar alone as its prompt (the root of the prefix tree is then its whole prompt)."""
+    prompt_is_shot has the exemplar alone as its prompt (the prefix tree's root is then its whole prompt)."""
     gen = torch.Generator().manual_seed(seed)
     rows, shot = make_rows(gen, sizes), torch.randint(1, VOCAB, (SHOT,), generator=gen).tolist()
     for g, row in enumerate(rows):
@@ -304,7 +304,8 @@ def test_shared_prefix_scores_equal_unshared(case, attn):
         prompts = sum(len(r["prompt_ids"]) * len(r["cot_ids"]) for r in rows)  # k + 1 copies become one
         assert b.forward_tokens == per_group == a.forward_tokens - prompts
     elif case == "several trees":  # at most twice the one-group layout's row width, a root in each
-        assert n_rows > 1 and width <= 2 * max([max_len] + [x.inputs["input_ids"].shape[1] for x in one_group])
+        one_group_width = max([max_len] + [x.inputs["input_ids"].shape[1] for x in one_group])
+        assert n_rows > 1 and width <= 2 * one_group_width
         assert b.forward_tokens < per_group
     else:  # the micro-batch's groups under one root; a cut COT keeps its own prompt
         assert b.forward_tokens == per_group - (len(rows) - 1) * SHOT
@@ -319,7 +320,8 @@ def test_shared_prefix_attention_stays_in_its_cot(model):
 
     def scores():
         batch = collate_groups(rows, 64, shared_prefix=True)
-        assert batch.forward_tokens < sum(collate_groups([r], 64, shared_prefix=True).forward_tokens for r in rows)
+        per_group = sum(collate_groups([r], 64, shared_prefix=True).forward_tokens for r in rows)
+        assert batch.forward_tokens < per_group
         return sequence_logps(model, batch)
 
     bump = lambda tokens: [(t % (VOCAB - 1)) + 1 for t in tokens]  # noqa: E731
@@ -337,7 +339,7 @@ def test_shared_prefix_attention_stays_in_its_cot(model):
     assert ((new_question - new_shot).abs() > 1e-6).all()
 
 
-GRADIENT_CASES = {"few-shot": lambda: with_cut_cot(few_shot_rows(13, (3, 0, 4, 2), prompt_is_shot=1), g=2),
+GRADIENT_CASES = {"few-shot": lambda: with_cut_cot(few_shot_rows(13, (3, 0, 4, 2), prompt_is_shot=3), g=2),
                   "no common prefix": lambda: no_prefix_rows(13, (3, 4, 2))}
 
 
@@ -386,7 +388,7 @@ def test_shared_prefix_on_smollm2():
     shot = "Question: Ann has 3 pens and buys 4 more. How many pens?\nAnswer: 3 + 4 = 7.\n#### 7\n\n"
     cots = ["5 + 6 = 11.\n#### 11", "5 + 6 = 12.\n#### 12", "She has 5, then 6 more: 11.\n#### 11"]
     rows = make_rows(torch.Generator().manual_seed(15), sizes=(3, 2, 0))
-    questions = ["Bo has 5 cars and gets 6. How many cars?", "Cy reads 9 pages, then 2. Pages?", "Di runs 5 km."]
+    questions = ["Bo has 5 cars and gets 6. How many cars?", "Cy reads 9 pages, then 2. Pages?", "Di runs 8 km."]
     for row, q in zip(rows, questions, strict=True):
         row["prompt_ids"], row["ref_cot_ids"] = ids(shot + f"Question: {q}\nAnswer:"), ids(" " + cots[0])
         row["cot_ids"] = [ids(" " + c) for c in cots[:len(row["cot_ids"])]]

@@ -20,8 +20,8 @@ or (shared prefix) a tree of prompt parts and COTs (`_Segment`). Layouts:
   and the earlier tokens of its own COT only, so each COT's scores are those of the unshared layouts while a
   prompt part is forwarded once, not once per COT, and its gradient sums over the COTs that read it. The
   groups go first-fit into trees of at most twice the row width (`_prefix_trees`), each with its own copy of
-  the root; without a common prefix, one tree per group (its prompt the root). COTs cut by max_seq_len become
-  one-COT segments with their own cut prompt. Segments are packed first-fit into rows as long as the longest.
+  the root; without a common prefix, one tree per group. COTs cut by max_seq_len become one-COT segments with
+  their own cut prompt. Segments are packed first-fit into rows as long as the longest.
   Needs an attention kernel that takes an arbitrary mask (sdpa, eager): see `takes_custom_masks`; the trainer
   falls back to packed where the model's kernel takes none (flash-attention, flex).
 Every scored token is read from the logits at the position that predicts it (`logit_index`): the previous
@@ -210,7 +210,7 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
     pos = torch.zeros(len(bins), width, dtype=torch.long)
     block = torch.zeros(len(bins), width, dtype=torch.long)  # the segment (1...) a token is in, 0: padding
     group = torch.zeros(len(bins), width, dtype=torch.long)  # in the segment: 0 the root, g its g-th group
-    branch = torch.zeros(len(bins), width, dtype=torch.long)  # in the segment: 0 a prompt part, b its b-th COT
+    branch = torch.zeros(len(bins), width, dtype=torch.long)  # in the segment: 0 a prompt part, b a COT
     logit_index, labels, label_seq = [], [], []
     for r, row in enumerate(bins):
         at = 0
