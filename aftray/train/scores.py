@@ -121,7 +121,7 @@ class _Segment:
                 labels += cot[first:]
                 seqs += [seq] * (len(cot) - first)
                 start += len(cot)
-        per_token = [(t, at + i, g, b) for tokens, at, g, b in spans for i, t in enumerate(tokens)]
+        per_token = [(t, at + i, gr, br) for tokens, at, gr, br in spans for i, t in enumerate(tokens)]
         ids, pos, group, branch = torch.tensor(per_token, dtype=torch.long).reshape(-1, 4).T
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
         return {"ids": ids, "pos": pos, "group": group, "branch": branch, "logit": as_long(logit),
@@ -132,8 +132,8 @@ def _prefix_trees(groups: list[tuple[list[int], list]], max_seq_len: int) -> lis
     """The shared-prefix segments of a micro-batch's (prompt, COTs) groups: the prompts' longest common prefix
     is the root, under which the groups are packed first-fit into trees of at most twice the row width of the
     one-group layout (max_seq_len, or a longer group). The bound keeps any two groups in one tree (a
-    micro-batch of two: one tree) while the dense mask's attention, the square of a row's length, stays near
-    the one-group layout's. Without a common prefix each group is a tree of its own."""
+    micro-batch of two: one tree) while the dense mask's attention, the square of a row's length, stays within
+    a small factor of the one-group layout's. Without a common prefix each group is a tree of its own."""
     root = os.path.commonprefix([prompt for prompt, _ in groups])
     rests = [(prompt[len(root):], cots) for prompt, cots in groups]
     sizes = [len(_Segment([], [g])) for g in rests]
