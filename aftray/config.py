@@ -228,8 +228,9 @@ class TrainConfig:
     micro_batch_questions: int = 2  # groups per micro-batch per worker (gradient accumulation makes up the rest)
     max_seq_len: int = 512
     # a micro-batch's layout (aftray/train/scores.py): padded, one COT per row; packed, padding-free rows;
-    # shared_prefix, a group's prompt forwarded once for all its COTs. shared_prefix needs attention that takes
-    # a 4D mask (sdpa, eager); with flash-attention or flex it falls back to packed
+    # shared_prefix, each prompt part once (a prefix tree: the prompts' common prefix, each question, its COTs).
+    # shared_prefix needs attention that takes a 4D mask (sdpa, eager); with flash-attention or flex it falls
+    # back to packed
     layout: Literal["padded", "packed", "shared_prefix"] = "shared_prefix"
     num_workers: int = 1
     # Ray Train's ScalingConfig(resources_per_worker=...): CPU and GPU counts (CPU 1 and GPU 0 where absent) and

@@ -1,4 +1,5 @@
 """aftray.train.scores: collate of group rows, one-pass COT scores, packed == padded."""
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -249,57 +250,114 @@ def unshared_and_shared(model, rows, max_seq_len=64, **flags):
     return sequence_logps(model, plain), sequence_logps(model, shared), plain, shared
 
 
+SHOT = 12  # tokens of the exemplar few_shot_rows puts before every question
+
+
+def few_shot_rows(seed, sizes, prompt_is_shot=None):
+    """make_rows under one exemplar, as a few-shot prompt puts it before every question; the group at
+    prompt_is_shot has the exemplar alone as its prompt (the prefix tree's root is then its whole prompt)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, shot = make_rows(gen, sizes), torch.randint(1, VOCAB, (SHOT,), generator=gen).tolist()
+    for g, row in enumerate(rows):
+        row["prompt_ids"] = shot + ([] if g == prompt_is_shot else row["prompt_ids"])
+    return rows
+
+
+def no_prefix_rows(seed, sizes):
+    """make_rows whose prompts share no first token: no common prefix."""
+    rows = make_rows(torch.Generator().manual_seed(seed), sizes)
+    for g, row in enumerate(rows):
+        row["prompt_ids"][0] = g + 1
+    return rows
+
+
+def with_cut_cot(rows, g=0):
+    """A 30-token COT in group g, which max_seq_len=40 cuts (the prompts have at most 20 tokens)."""
+    rows[g]["cot_ids"][-1] = list(range(1, 31))
+    return rows
+
+
+SHARED_CASES = {  # name: rows, max_seq_len
+    "no common prefix": (lambda: no_prefix_rows(10, (3, 1, 4, 0, 2)), 64),
+    "one tree": (lambda: few_shot_rows(16, (3, 1, 4, 0, 2), prompt_is_shot=3), 128),
+    "a cut COT": (lambda: with_cut_cot(few_shot_rows(17, (3, 0, 2))), 40),
+    "several trees": (lambda: few_shot_rows(18, (6, 5, 7, 6, 1)), 32),
+}
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prefix_scores_equal_unshared(attn):
-    """One prompt per group, each COT scored as if alone: same S per sequence (fp32, 1e-5), fewer tokens."""
+@pytest.mark.parametrize("case", sorted(SHARED_CASES))
+def test_shared_prefix_scores_equal_unshared(case, attn):
+    """Each prompt part once, each COT scored as if alone: same S per sequence (fp32, 1e-5), fewer tokens than
+    one prompt per group (each group alone in its micro-batch) where the groups share a prefix."""
     model = tiny_llama(attn)
-    rows = make_rows(torch.Generator().manual_seed(10), sizes=(3, 1, 4, 0, 2))
+    rows, max_len = SHARED_CASES[case][0](), SHARED_CASES[case][1]
     with torch.no_grad():
-        plain, shared, a, b = unshared_and_shared(model, rows)
+        plain, shared, a, b = unshared_and_shared(model, rows, max_len)
     assert torch.allclose(shared, plain, atol=1e-5)
-    assert b.sequence_tokens == a.sequence_tokens
-    prompts = sum(len(r["prompt_ids"]) * len(r["cot_ids"]) for r in rows)  # k + 1 copies become one
-    assert b.forward_tokens == a.forward_tokens - prompts
+    assert b.sequence_tokens == a.sequence_tokens and b.num_truncated == a.num_truncated
     n_rows, width = b.inputs["input_ids"].shape
     assert b.inputs["attention_mask"].shape == (n_rows, 1, width, width)
+    one_group = [collate_groups([r], max_len, shared_prefix=True) for r in rows]
+    per_group = sum(x.forward_tokens for x in one_group)  # one prompt per group, as before the prefix tree
+    if case == "no common prefix":  # one tree per group
+        prompts = sum(len(r["prompt_ids"]) * len(r["cot_ids"]) for r in rows)  # k + 1 copies become one
+        assert b.forward_tokens == per_group == a.forward_tokens - prompts
+    elif case == "several trees":  # at most twice the one-group layout's row width, a root in each
+        one_group_width = max([max_len] + [x.inputs["input_ids"].shape[1] for x in one_group])
+        assert n_rows > 1 and width <= 2 * one_group_width
+        assert b.forward_tokens < per_group
+    else:  # the micro-batch's groups under one root; a cut COT keeps its own prompt
+        assert b.forward_tokens == per_group - (len(rows) - 1) * SHOT
+        assert b.num_truncated == (case == "a cut COT")
 
 
 def test_shared_prefix_attention_stays_in_its_cot(model):
-    """Changing one COT changes its own score only: COTs of a group see the prompt, not each other."""
-    rows = make_rows(torch.Generator().manual_seed(11), sizes=(3, 2))
+    """Changing one COT changes its own score only; changing a group's question changes its COTs' scores only
+    (COTs see their group's prompt, not each other nor another group's question); changing the exemplar, the
+    root every group reads, changes every score."""
+    rows = few_shot_rows(11, (3, 2))
+
+    def scores():
+        batch = collate_groups(rows, 64, shared_prefix=True)
+        per_group = sum(collate_groups([r], 64, shared_prefix=True).forward_tokens for r in rows)
+        assert batch.forward_tokens < per_group
+        return sequence_logps(model, batch)
+
+    bump = lambda tokens: [(t % (VOCAB - 1)) + 1 for t in tokens]  # noqa: E731
     with torch.no_grad():
-        before = sequence_logps(model, collate_groups(rows, 64, shared_prefix=True))
-        rows[0]["cot_ids"][1] = [(t % (VOCAB - 1)) + 1 for t in rows[0]["cot_ids"][1]]
-        after = sequence_logps(model, collate_groups(rows, 64, shared_prefix=True))
-        rows[0]["prompt_ids"] = [(t % (VOCAB - 1)) + 1 for t in rows[0]["prompt_ids"]]
-        new_prompt = sequence_logps(model, collate_groups(rows, 64, shared_prefix=True))
-    assert ((before - after).abs() > 1e-6).tolist() == [False, False, True, False, False, False, False]
-    assert ((after - new_prompt).abs() > 1e-6).tolist() == [True] * 4 + [False] * 3
+        before = scores()
+        rows[0]["cot_ids"][1] = bump(rows[0]["cot_ids"][1])
+        new_cot = scores()
+        rows[0]["prompt_ids"][-1:] = bump(rows[0]["prompt_ids"][-1:])
+        new_question = scores()
+        for row in rows:
+            row["prompt_ids"][:1] = bump(row["prompt_ids"][:1])
+        new_shot = scores()
+    assert ((before - new_cot).abs() > 1e-6).tolist() == [False, False, True, False, False, False, False]
+    assert ((new_cot - new_question).abs() > 1e-6).tolist() == [True] * 4 + [False] * 3
+    assert ((new_question - new_shot).abs() > 1e-6).all()
 
 
-def test_shared_prefix_keeps_cut_cots_unshared(model):
-    """A COT that max_seq_len cuts keeps its own cut prompt (as the unshared layouts score it); the rest share."""
-    rows = make_rows(torch.Generator().manual_seed(12), sizes=(3,))
-    rows[0]["cot_ids"][2] = list(range(1, 31))
-    max_len = len(rows[0]["prompt_ids"]) + 14
-    with torch.no_grad():
-        plain, shared, a, b = unshared_and_shared(model, rows, max_len)
-    assert b.num_truncated == a.num_truncated == 1 and torch.allclose(shared, plain, atol=1e-5)
-    assert b.forward_tokens == a.forward_tokens - 2 * len(rows[0]["prompt_ids"])  # ref + 2 COTs share one
+GRADIENT_CASES = {"few-shot": lambda: with_cut_cot(few_shot_rows(13, (3, 0, 4, 2), prompt_is_shot=3), g=2),
+                  "no common prefix": lambda: no_prefix_rows(13, (3, 4, 2))}
 
 
+@pytest.mark.parametrize("case", sorted(GRADIENT_CASES))
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_shared_prefix_gradients_equal_unshared(name):
-    """Every objective: the same loss and parameter gradients (fp32, rtol 1e-4) from either layout."""
+def test_shared_prefix_gradients_equal_unshared(name, case):
+    """Every objective: the same loss and parameter gradients (fp32, rtol 1e-4) from either layout, on groups
+    under one exemplar (one with only its reference COT, one whose prompt is the exemplar, a cut COT) and on
+    groups with no common prefix."""
     model = tiny_llama().float()
     model.train()
-    rows = make_rows(torch.Generator().manual_seed(13), sizes=(3, 4, 2))
+    rows = GRADIENT_CASES[case]()
     cfg = LossConfig(name=name)
     with_ref, with_samples = OBJECTIVES[name].row.sequences_needed(cfg)
     grads = []
     for shared in (False, True):
         model.zero_grad(set_to_none=True)
-        batch = collate_groups(rows, 64, with_ref=with_ref, with_samples=with_samples, shared_prefix=shared)
+        batch = collate_groups(rows, 40, with_ref=with_ref, with_samples=with_samples, shared_prefix=shared)
         loss, _ = OBJECTIVES[name](cfg, score_groups(model, batch))
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
@@ -310,15 +368,17 @@ def test_shared_prefix_gradients_equal_unshared(name):
 
 
 def test_shared_prefix_drift_matches(model):
-    rows = make_rows(torch.Generator().manual_seed(14), sizes=(3, 2))
+    rows = few_shot_rows(14, (3, 2))
     for row in rows:
         row["sample_token_logp"] = [naive_token_logps(model, row["prompt_ids"], c) for c in row["cot_ids"]]
     with torch.no_grad():
-        assert max(logp_drift(model, rows, 64, 0, "cpu", shared_prefix=True)) < 1e-4
+        drift = logp_drift(model, rows, 64, 0, "cpu", shared_prefix=True)
+    assert len(drift) == sum(len(c) for r in rows for c in r["cot_ids"]) and max(drift) < 1e-4
 
 
 def test_shared_prefix_on_smollm2():
-    """The real model (rotary, GQA, tied embeddings): scores within 1e-5, gradients within rtol 1e-4."""
+    """The real model (rotary, GQA, tied embeddings), three groups of a 1-shot prompt under one root (one with
+    only its reference COT): scores within 1e-5, gradients within rtol 1e-4."""
     from aftray.config import ModelConfig
     from aftray.models import load_model, load_tokenizer, resolve_model_path
 
@@ -327,18 +387,23 @@ def test_shared_prefix_on_smollm2():
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     shot = "Question: Ann has 3 pens and buys 4 more. How many pens?\nAnswer: 3 + 4 = 7.\n#### 7\n\n"
     cots = ["5 + 6 = 11.\n#### 11", "5 + 6 = 12.\n#### 12", "She has 5, then 6 more: 11.\n#### 11"]
-    rows = make_rows(torch.Generator().manual_seed(15), sizes=(3, 2))
-    for row, q in zip(rows, ["Bo has 5 cars and gets 6. How many cars?", "Cy reads 9 pages, then 2. Pages?"]):
+    rows = make_rows(torch.Generator().manual_seed(15), sizes=(3, 2, 0))
+    questions = ["Bo has 5 cars and gets 6. How many cars?", "Cy reads 9 pages, then 2. Pages?", "Di runs 8 km."]
+    for row, q in zip(rows, questions, strict=True):
         row["prompt_ids"], row["ref_cot_ids"] = ids(shot + f"Question: {q}\nAnswer:"), ids(" " + cots[0])
         row["cot_ids"] = [ids(" " + c) for c in cots[:len(row["cot_ids"])]]
     cfg = LossConfig(name="aft_bc")
     out = []
     for shared in (False, True):
         model.zero_grad(set_to_none=True)
-        scored = score_groups(model, collate_groups(rows, 256, shared_prefix=shared, pad_id=tok.pad_token_id))
+        batch = collate_groups(rows, 256, shared_prefix=shared, pad_id=tok.pad_token_id)
+        scored = score_groups(model, batch)
         OBJECTIVES["aft_bc"](cfg, scored)[0].backward()
         out.append((scored.logp.detach(), scored.vft_logp.detach(), [p.grad.clone() for p in model.parameters()]))
     (logp_a, vft_a, ga), (logp_b, vft_b, gb) = out
+    per_group = sum(collate_groups([r], 256, shared_prefix=True).forward_tokens for r in rows)
+    root = len(os.path.commonprefix([r["prompt_ids"] for r in rows]))  # the exemplar and "Question:"
+    assert root > 20 and batch.forward_tokens == per_group - 2 * root
     assert torch.allclose(logp_a, logp_b, atol=1e-5) and torch.allclose(vft_a, vft_b, atol=1e-5)
     for x, y in zip(ga, gb, strict=True):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-4 * x.abs().max().item()), (x - y).abs().max()

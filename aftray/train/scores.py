@@ -2,8 +2,8 @@
 
 `collate_groups` turns group rows (docs/internals.md "Group row") into one micro-batch that keeps whole
 question groups together: each group contributes its reference COT (the VFT target) and its sampled COTs, each
-scored as the continuation of the group's prompt. The unit of layout is a *segment*: a prompt followed by one
-or more COTs (its branches). Layouts:
+scored as the continuation of the group's prompt. The unit of layout is a *segment*: a prompt and one COT,
+or (shared prefix) a tree of prompt parts and COTs (`_Segment`). Layouts:
 - padded: one segment of one COT per row, right-padded, with an attention mask;
 - packed (padding-free): one-COT segments packed into rows of at most max_seq_len tokens (first-fit
   decreasing), position ids restarting at 0 per segment, no attention mask. transformers (5.x) then finds the
@@ -12,14 +12,18 @@ or more COTs (its branches). Layouts:
   are those of the padded layout. Rows rather than one long row because without varlen kernels attention costs
   the square of the row length (flash-attention, which needs one row, gets them flattened). The few pad tokens
   closing a row restart their positions too, so they form a block of their own.
-- shared prefix (`train.layout=shared_prefix`, the default): one segment per group, its prompt once and then every COT of the group,
-  each COT at the positions it has after the prompt (P, P+1, ...). A 4D attention mask lets a COT token see the
-  prompt and the earlier tokens of its own COT only, so each COT's scores are those of the unshared layouts
-  while the prompt (most of each sequence under a few-shot prompt) is forwarded once, not k + 1 times, and its
-  gradient sums over the COTs that read it. Segments (and COTs cut by max_seq_len, which become one-COT segments
-  with their own cut prompt) are packed first-fit into rows as long as the longest segment. Needs an attention
-  kernel that takes an arbitrary mask (sdpa, eager): see `takes_custom_masks`; the trainer falls back to packed
-  where the model's kernel takes none (flash-attention, flex).
+- shared prefix (`train.layout=shared_prefix`, the default): every prompt token once, as a prefix tree. Its
+  root is the longest common prefix of the micro-batch's prompts (under a few-shot prompt: the chat template
+  and the worked examples, most of each sequence); under it, each group's rest of its prompt (its question),
+  and under that each of the group's COTs. Every token keeps the position it has in the unshared layouts (root
+  0..R-1, rest R..P-1, each COT P, P+1, ...), and a 4D attention mask lets it see the root, its group's rest
+  and the earlier tokens of its own COT only, so each COT's scores are those of the unshared layouts while a
+  prompt part is forwarded once, not once per COT, and its gradient sums over the COTs that read it. The
+  groups go first-fit into trees of at most twice the row width (`_prefix_trees`), each with its own copy of
+  the root; without a common prefix, one tree per group. COTs cut by max_seq_len become one-COT segments with
+  their own cut prompt. Segments are packed first-fit into rows as long as the longest.
+  Needs an attention kernel that takes an arbitrary mask (sdpa, eager): see `takes_custom_masks`; the trainer
+  falls back to packed where the model's kernel takes none (flash-attention, flex).
 Every scored token is read from the logits at the position that predicts it (`logit_index`): the previous
 token of its COT, or the prompt's last token for a COT's first token.
 `score_groups(model, batch)` runs the forward pass and returns the `ScoredBatch` the objectives read.
@@ -28,6 +32,7 @@ Pure python/torch (no Ray): the Ray Train loop calls these on its dataset shard'
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -87,31 +92,54 @@ def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 @dataclass
 class _Segment:
-    """A prompt and the COTs that continue it, laid out as prompt, COT 1, COT 2, ..."""
-    prompt: list[int]
-    cots: list[tuple[int, list[int]]]  # (sequence number, COT tokens)
+    """A prompt tree: a root (a prefix of every prompt in it) and its groups, each the rest of its prompt and
+    the COTs that continue it, laid out as root, rest 1, COTs of group 1, rest 2, COTs of group 2, ..."""
+    root: list[int]
+    groups: list[tuple[list[int], list[tuple[int, list[int]]]]]  # (prompt rest, [(sequence number, COT)])
 
     def __len__(self) -> int:
-        return len(self.prompt) + sum(len(c) for _, c in self.cots)
+        return len(self.root) + sum(len(rest) + sum(len(c) for _, c in cots) for rest, cots in self.groups)
 
     def tensors(self) -> dict[str, Tensor]:
-        """Per token: ids, positions, branch (0: the prompt, b: the b-th COT); per scored token: the local
-        position of the logits that predict it, the token, its sequence."""
-        p = len(self.prompt)
-        ids, pos, branch, logit, labels, seqs = [self.prompt], [list(range(p))], [[0] * p], [], [], []
-        start = p
-        for b, (seq, cot) in enumerate(self.cots, 1):
-            ids.append(cot)
-            pos.append(list(range(p, p + len(cot))))
-            branch.append([b] * len(cot))
-            first = 0 if p else 1  # without a prompt the first token has nothing to be predicted from
-            logit += [start + j - 1 if j else p - 1 for j in range(first, len(cot))]
-            labels += cot[first:]
-            seqs += [seq] * (len(cot) - first)
-            start += len(cot)
-        flat = lambda parts: torch.tensor([x for part in parts for x in part], dtype=torch.long)  # noqa: E731
-        return {"ids": flat(ids), "pos": flat(pos), "branch": flat(branch), "logit": flat([logit]),
-                "labels": flat([labels]), "seq": flat([seqs])}
+        """Per token: ids, positions, group (0: the root, g: the g-th group), branch (0: a prompt part, b: the
+        b-th COT of the segment); per scored token: the local position of the logits that predict it, the
+        token, its sequence."""
+        r = len(self.root)
+        spans = [(self.root, 0, 0, 0)]  # (tokens, first position, group, branch)
+        logit, labels, seqs = [], [], []
+        start, b = r, 0  # where the next span starts in the segment, the COTs so far
+        for g, (rest, cots) in enumerate(self.groups, 1):
+            p = r + len(rest)  # the group's prompt length: its COTs' first position
+            spans.append((rest, r, g, 0))
+            start += len(rest)
+            last = start - 1 if rest else r - 1  # the prompt's last token: in the rest, or the root's last
+            for seq, cot in cots:
+                b += 1
+                spans.append((cot, p, g, b))
+                first = 0 if p else 1  # without a prompt the first token has nothing to be predicted from
+                logit += [start + j - 1 if j else last for j in range(first, len(cot))]
+                labels += cot[first:]
+                seqs += [seq] * (len(cot) - first)
+                start += len(cot)
+        per_token = [(t, at + i, gr, br) for tokens, at, gr, br in spans for i, t in enumerate(tokens)]
+        ids, pos, group, branch = torch.tensor(per_token, dtype=torch.long).reshape(-1, 4).T
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        return {"ids": ids, "pos": pos, "group": group, "branch": branch, "logit": as_long(logit),
+                "labels": as_long(labels), "seq": as_long(seqs)}
+
+
+def _prefix_trees(groups: list[tuple[list[int], list]], max_seq_len: int) -> list[_Segment]:
+    """The shared-prefix segments of a micro-batch's (prompt, COTs) groups: the prompts' longest common prefix
+    is the root, under which the groups are packed first-fit into trees of at most twice the row width of the
+    one-group layout (max_seq_len, or a longer group). The bound keeps any two groups in one tree (a
+    micro-batch of two: one tree) while the dense mask's attention, the square of a row's length, stays within
+    a small factor of the one-group layout's. Without a common prefix each group is a tree of its own."""
+    root = os.path.commonprefix([prompt for prompt, _ in groups])
+    rests = [(prompt[len(root):], cots) for prompt, cots in groups]
+    sizes = [len(_Segment([], [g])) for g in rests]
+    width = max([max_seq_len] + [len(root) + n for n in sizes])
+    trees = _first_fit(sizes, 2 * width - len(root)) if root else [[i] for i in range(len(groups))]
+    return [_Segment(root, [rests[i] for i in sorted(tree)]) for tree in trees]
 
 
 def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, with_ref: bool = True,
@@ -120,8 +148,8 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
 
     rows: dicts with `prompt_ids`, `ref_cot_ids`, `cot_ids`, `correct`, `rank`, `process`, `sample_logp`
     (lists or numpy arrays, as Ray Data hands them over). with_ref / with_samples: include the reference COT /
-    the sampled COTs (see `aftray.loss_table.LossRow.sequences_needed`). shared_prefix: one prompt per group
-    (the layout in the module docstring); `packed` is then implied."""
+    the sampled COTs (see `aftray.loss_table.LossRow.sequences_needed`). shared_prefix: each prompt part once,
+    as a prefix tree (the layout in the module docstring); `packed` is then implied."""
     g_count = len(rows)
     k_max = max((len(r["cot_ids"]) for r in rows), default=0) if with_samples else 0
     mask = torch.zeros(g_count, k_max, dtype=torch.bool)
@@ -131,7 +159,7 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
     ref_logp = torch.full((g_count, k_max), float("nan"))
     cot_tokens = torch.zeros(g_count, k_max, dtype=torch.long)
     ref_tokens = torch.zeros(g_count, dtype=torch.long)
-    segments, seq_group, seq_slot, num_truncated, sequence_tokens = [], [], [], 0, 0
+    segments, shared, seq_group, seq_slot, num_truncated, sequence_tokens = [], [], [], [], 0, 0
     for g, row in enumerate(rows):
         prompt = [int(t) for t in row["prompt_ids"]]
         items = [(-1, row["ref_cot_ids"])] if with_ref else []
@@ -142,7 +170,7 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
             ranks[g, :k] = torch.as_tensor(row["rank"], dtype=torch.long)
             process[g, :k] = torch.as_tensor(row["process"], dtype=torch.float32)
             ref_logp[g, :k] = torch.as_tensor(row["sample_logp"], dtype=torch.float32)
-        shared = _Segment(prompt, [])
+        cots = []  # the group's COTs that share its prompt
         for slot, cot in items:
             cot = [int(t) for t in cot]
             p, c = _fit(prompt, cot, max_seq_len)
@@ -162,11 +190,12 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
                 if cut:
                     ref_logp[g, slot] = float("nan")
             if shared_prefix and p and not cut:  # a cut COT keeps its own cut prompt, as unshared
-                shared.cots.append((seq, c))
+                cots.append((seq, c))
             else:
-                segments.append(_Segment(p, [(seq, c)]))
-        if shared.cots:
-            segments.append(shared)
+                segments.append(_Segment(p, [([], [(seq, c)])]))
+        if cots:
+            shared.append((prompt, cots))
+    segments += _prefix_trees(shared, max_seq_len)
 
     parts = [s.tensors() for s in segments]
     lengths = [len(s) for s in segments]
@@ -180,13 +209,15 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
     ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     pos = torch.zeros(len(bins), width, dtype=torch.long)
     block = torch.zeros(len(bins), width, dtype=torch.long)  # the segment (1...) a token is in, 0: padding
-    branch = torch.zeros(len(bins), width, dtype=torch.long)
+    group = torch.zeros(len(bins), width, dtype=torch.long)  # in the segment: 0 the root, g its g-th group
+    branch = torch.zeros(len(bins), width, dtype=torch.long)  # in the segment: 0 a prompt part, b a COT
     logit_index, labels, label_seq = [], [], []
     for r, row in enumerate(bins):
         at = 0
         for i in row:
             n, part = lengths[i], parts[i]
-            ids[r, at:at + n], pos[r, at:at + n], branch[r, at:at + n] = part["ids"], part["pos"], part["branch"]
+            ids[r, at:at + n], pos[r, at:at + n] = part["ids"], part["pos"]
+            group[r, at:at + n], branch[r, at:at + n] = part["group"], part["branch"]
             block[r, at:at + n] = i + 1
             logit_index.append(part["logit"] + r * width + at)
             labels.append(part["labels"])
@@ -194,7 +225,8 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
             at += n
         pos[r, at:] = torch.arange(width - at)  # the padding closing a packed row is a block of its own
     if shared_prefix:
-        inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": _shared_prefix_mask(block, branch)}
+        inputs = {"input_ids": ids, "position_ids": pos,
+                  "attention_mask": _shared_prefix_mask(block, group, branch)}
     elif packed:
         inputs = {"input_ids": ids, "position_ids": pos}
     else:
@@ -208,14 +240,16 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
                       sequence_tokens=sequence_tokens)
 
 
-def _shared_prefix_mask(block: Tensor, branch: Tensor) -> Tensor:
-    """[B, 1, T, T] bool, True where query i may attend to key j: the same segment, j <= i, and j in the
-    prompt or in i's own COT. A padding token attends to itself only (a row of no keys would give NaN)."""
+def _shared_prefix_mask(block: Tensor, group: Tensor, branch: Tensor) -> Tensor:
+    """[B, 1, T, T] bool, True where query i may attend to key j: the same segment, j <= i, and j in the root,
+    in the prompt rest of i's group or in i's own COT. A padding token attends to itself only (a row of no
+    keys would give NaN)."""
     t = block.shape[1]
-    same = block[:, :, None] == block[:, None, :]
-    own_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    same = lambda x: x[:, :, None] == x[:, None, :]  # noqa: E731
+    key_in_root, key_in_prompt = (group == 0)[:, None, :], (branch == 0)[:, None, :]
+    in_reach = key_in_root | (same(group) & (key_in_prompt | same(branch)))
     causal = torch.ones(t, t, dtype=torch.bool).tril()
-    allowed = same & own_branch & causal & (block[:, None, :] > 0)
+    allowed = same(block) & in_reach & causal & (block > 0)[:, None, :]
     allowed |= torch.eye(t, dtype=torch.bool) & (block == 0)[:, :, None]
     return allowed[:, None]
 
