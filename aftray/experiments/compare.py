@@ -178,7 +178,7 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
                       arm_names=arms, shared_base=shared_base,
                       grid=grid or {}, wall_time_s=time.perf_counter() - start, versions=_versions(),
                       cpus=len(os.sched_getaffinity(0)),  # the cores this process may use
-                      reused={"from": str(bases_dir), "runs": reused} if reused else None,
+                      reused={"from": _shown(bases_dir), "runs": reused} if reused else None,
                       runs_time_s=runs_time(bases, {a: {s: r for s, r in by_seed.items()
                                                         if s not in reused.get(a, ())}
                                                     for a, by_seed in runs.items()}))
@@ -222,6 +222,11 @@ def _reused_run(cfg, bases_dir: Path, declaration: Declaration | None) -> dict |
         raise ValueError(f"{other}: a run to reuse, but its config differs from {declaration.name}'s in "
                          + ", ".join(f"{k} ({theirs.get(k)!r}, here {mine.get(k)!r})" for k in differ))
     return summary
+
+
+def _shown(path: Path) -> str:
+    """A folder as the results page names it: relative to the working directory when under it."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
