@@ -328,9 +328,11 @@ def test_reduced_comparison_end_to_end(tmp_path):
     later = run_comparison(PRESET, ["aft_bc", "vft_half"], [0], tmp_path / "e2", SMALL + ["loop.rounds=1"],
                            bases_dir=out, declaration=load_declaration(e2))
     assert sorted(p.name for p in (tmp_path / "e2").glob("*_s0")) == ["vft_half_s0"]
-    assert later["reused"] == {"from": str(out), "runs": {"aft_bc": [0]}}
+    assert later["reused"] == {"from": str(out), "runs": {"aft_bc": [0]}, "bases": ["base_s0"]}
     assert later["arms"]["aft_bc"]["per_seed_final_accuracy"] == {0: second["accuracy"]}
     half = json.loads((tmp_path / "e2" / "vft_half_s0" / "summary.json").read_text())
+    own = half["rounds"][1:]  # only the variant's rounds count as this command's time (round 0 is the base's)
+    assert later["runs_time_s"] == pytest.approx(sum(r["time_round_s"] for r in own))
     assert half["experiment"]["name"] == "e2" and half["rounds"][0] == summaries["aft_bc"]["rounds"][0]
     assert yaml.safe_load((tmp_path / "e2" / "vft_half_s0" / "config.yaml").read_text())["train"]["lr"] == 5e-4
 

@@ -38,7 +38,7 @@ def test_words_cpu_on_vllm(tmp_path, ray_local):
     """The `make run` preset cut down: SmolLM2, dynamic sampling, 2 rounds of 2-4 steps, eval after the last
     round on 64 held-out questions, plots; and it learns."""
     summary, run_dir = run_preset(tmp_path, "words_cpu.yaml", "run_name=words_vllm", "task.num_test=64",
-                                  "loop.eval_every=2", "loop.assessment_questions=8", "loop.questions_per_round=8",
+                                  "loop.assessment_questions=8", "loop.questions_per_round=8",
                                   "loop.min_mixed_groups=2", "loop.max_oversample=2")
     assert summary["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     for r in (1, 2):

@@ -178,10 +178,12 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
                       arm_names=arms, shared_base=shared_base,
                       grid=grid or {}, wall_time_s=time.perf_counter() - start, versions=_versions(),
                       cpus=len(os.sched_getaffinity(0)),  # the cores this process may use
-                      reused={"from": _shown(bases_dir), "runs": reused} if reused else None,
-                      runs_time_s=runs_time(bases, {a: {s: r for s, r in by_seed.items()
-                                                        if s not in reused.get(a, ())}
-                                                    for a, by_seed in runs.items()}))
+                      reused={"from": _shown(bases_dir), "runs": reused,
+                              "bases": sorted(n for n, b in bases.items() if not _made_by(b, declaration))}
+                      if reused else None,
+                      runs_time_s=runs_time({n: b for n, b in bases.items() if _made_by(b, declaration)},
+                                            {a: {s: r for s, r in by_seed.items() if _made_by(r, declaration)}
+                                             for a, by_seed in runs.items()}))
         write_json(out_dir / "comparison.json", result)
         (out_dir / "comparison.md").write_text(markdown_table(result))
         for path in plot_comparison(result, out_dir / "plots"):
@@ -222,6 +224,11 @@ def _reused_run(cfg, bases_dir: Path, declaration: Declaration | None) -> dict |
         raise ValueError(f"{other}: a run to reuse, but its config differs from {declaration.name}'s in "
                          + ", ".join(f"{k} ({theirs.get(k)!r}, here {mine.get(k)!r})" for k in differ))
     return summary
+
+
+def _made_by(summary: dict, declaration: Declaration | None) -> bool:
+    """Whether this experiment made the run (not one it reuses); without a declaration, every run counts."""
+    return declaration is None or (summary.get("experiment") or {}).get("name") == declaration.name
 
 
 def _shown(path: Path) -> str:

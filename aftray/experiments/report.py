@@ -62,7 +62,8 @@ def _reused(result: dict) -> list[str]:
     if not reused:
         return []
     runs = "; ".join(f"{label} (seeds {', '.join(map(str, seeds))})" for label, seeds in reused["runs"].items())
-    return [f"Reused, not re-run: the finished runs of {runs}, from `{reused['from']}`  "]
+    bases = f" and the VFT bases {', '.join(reused['bases'])}" if reused.get("bases") else ""
+    return [f"Reused, not re-run: the finished runs of {runs}{bases}, from `{reused['from']}`  "]
 
 
 def update_results_page(result: dict, out_dir: Path, page: Path, command: str, section: str | None = None) -> None:
