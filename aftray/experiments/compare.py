@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from aftray.config import load_config, to_dict
+from aftray.config import flatten, load_config, to_dict
 from aftray.experiments.declaration import START, Declaration, check_pooling
 from aftray.experiments.stats import holm, paired_test, task_level_test
 from aftray.loss_table import LOSS_TABLE
@@ -141,7 +141,6 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
     start = time.perf_counter()
     runs: dict[str, dict[int, dict]] = {label[arm, name]: {} for name, _ in settings for arm in arms}
     bases: dict[str, dict] = {}
-    reused: dict[str, list[int]] = {}  # label -> the seeds whose runs an earlier experiment made (`_reused_run`)
     # one set of train workers for every run: their start-up (~35 s here) is paid once, not once per arm
     with (Tracker(first.tracking, out_dir / "parent", out_dir.name, out_dir) as parent,
           TrainService(first.train, out_dir / "train_state", first.cluster.placement_strategy) as trainer):
@@ -166,9 +165,7 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
                     cfg = load_config(preset, seeded + setting + [f"run_name={label[arm, name]}_{_tag(t, seed)}",
                                                                   *arm_overrides[arm]])
                     summary = _reused_run(cfg, bases_dir, declaration)
-                    if summary:
-                        reused.setdefault(label[arm, name], []).append(seed)
-                    else:
+                    if summary is None:
                         _link_round_zero(base.run_dir, cfg.run_dir)
                         summary = _finished(cfg) or run_loop(cfg, parent.run_id, trainer)
                     runs[label[arm, name]][seed] = _recorded(cfg, summary, declaration)
@@ -178,9 +175,7 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
                       arm_names=arms, shared_base=shared_base,
                       grid=grid or {}, wall_time_s=time.perf_counter() - start, versions=_versions(),
                       cpus=len(os.sched_getaffinity(0)),  # the cores this process may use
-                      reused={"from": _shown(bases_dir), "runs": reused,
-                              "bases": sorted(n for n, b in bases.items() if not _made_by(b, declaration))}
-                      if reused else None,
+                      reused=_reused_record(bases_dir, bases, runs, declaration),
                       runs_time_s=runs_time({n: b for n, b in bases.items() if _made_by(b, declaration)},
                                             {a: {s: r for s, r in by_seed.items() if _made_by(r, declaration)}
                                              for a, by_seed in runs.items()}))
@@ -217,13 +212,25 @@ def _reused_run(cfg, bases_dir: Path, declaration: Declaration | None) -> dict |
     if ((summary.get("experiment") or {}).get("name") not in declaration.reuse
             or len(summary["rounds"]) != cfg.loop.rounds + 1):
         return None
-    theirs = _flat(yaml.safe_load((other / "config.yaml").read_text()))
-    mine = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # as config.yaml holds it
+    theirs = flatten(yaml.safe_load((other / "config.yaml").read_text()))
+    mine = flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # as config.yaml holds it
     differ = sorted(k for k in theirs.keys() | mine.keys() if k != "output_dir" and theirs.get(k) != mine.get(k))
     if differ:
         raise ValueError(f"{other}: a run to reuse, but its config differs from {declaration.name}'s in "
                          + ", ".join(f"{k} ({theirs.get(k)!r}, here {mine.get(k)!r})" for k in differ))
     return summary
+
+
+def _reused_record(bases_dir: Path, bases: dict[str, dict], runs: dict[str, dict[int, dict]],
+                   declaration: Declaration | None) -> dict | None:
+    """What the results page lists as reused: the arm runs (label -> seeds) that an earlier experiment made, and
+    then its bases; None when every arm run is this experiment's."""
+    reused = {label: seeds for label, by_seed in runs.items()
+              if (seeds := [s for s, r in by_seed.items() if not _made_by(r, declaration)])}
+    if not reused:
+        return None
+    return {"from": _shown(bases_dir), "runs": reused,
+            "bases": sorted(n for n, b in bases.items() if not _made_by(b, declaration))}
 
 
 def _made_by(summary: dict, declaration: Declaration | None) -> bool:
@@ -234,17 +241,6 @@ def _made_by(summary: dict, declaration: Declaration | None) -> bool:
 def _shown(path: Path) -> str:
     """A folder as the results page names it: relative to the working directory when under it."""
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _existing_runs(out_dir: Path, bases_dir: Path) -> dict[str, dict]:
