@@ -124,7 +124,7 @@ def test_a_bad_variant_is_named(tmp_path, change, match):
         _declare(tmp_path, DECLARATION.replace("arms: [vft_continued, aft_bc]\n", VARIANTS.replace(*change)))
 
 
-@pytest.mark.parametrize("name", ["testbed", "e1", "e2"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "experiments").glob("*.yaml")))
 def test_the_committed_declarations_name_real_arms_and_presets(name):
     from aftray.experiments.compare import overrides_of_arms
 
