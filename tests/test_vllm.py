@@ -226,6 +226,25 @@ def test_stage_checkpoint_adds_the_tied_head_and_cleans_up_on_error(tmp_path):
     assert not [f for f in links if f.is_symlink() and f.resolve() == (bad / "model.safetensors").resolve()]
 
 
+def test_a_dead_process_staged_folder_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A killed engine actor runs no finalizer: its shared-memory folder is removed when another is made, while
+    the folders of live processes (this one's) stay."""
+    import subprocess
+    import sys
+
+    from aftray.rollout import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "_shm_root", lambda: str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / f"aftray-vllm-{gone}-abc").mkdir()
+    (tmp_path / f"aftray-vllm-{gone}-abc" / "lm_head.safetensors").write_bytes(b"x")
+    mine = Path(vllm_engine._shm_dir())
+    other = Path(vllm_engine._shm_dir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name])
+    assert mine.name.startswith(f"aftray-vllm-{os.getpid()}-")
+
+
 def test_without_vllm_the_error_names_the_extra(tiny_model_path, monkeypatch):
     import sys
 
