@@ -284,7 +284,8 @@ class LoopConfig:
     overlap: bool = False  # rollout of round r+1 overlaps training of round r (one round stale)
     # rounds between checkpoints on disk (rounds/<r>/checkpoint + the trainer's optimizer state in Ray Train's
     # storage); the last round and round 0's VFT stage always write one. A run resumes after its last
-    # checkpointed round
+    # checkpointed round. 0: none but round 0's VFT stage (verl's save_freq -1): a comparison's short arm runs,
+    # whose final weights nothing reads and which a restart runs again from round 1
     checkpoint_every: int = 1
 
 
@@ -555,8 +556,8 @@ def validate(cfg: Config) -> None:
     _check(lp.questions_per_round >= 1, "loop.questions_per_round", "an integer >= 1", lp.questions_per_round)
     _check(lp.min_mixed_groups >= 0, "loop.min_mixed_groups", "an integer >= 0 (0 = off)", lp.min_mixed_groups)
     _check(lp.max_oversample >= 1, "loop.max_oversample", "a factor >= 1", lp.max_oversample)
-    _check(lp.checkpoint_every >= 1, "loop.checkpoint_every", "an integer >= 1 (rounds between checkpoints)",
-           lp.checkpoint_every)
+    _check(lp.checkpoint_every >= 0, "loop.checkpoint_every",
+           "an integer >= 0 (rounds between checkpoints; 0 = none after round 0)", lp.checkpoint_every)
     _check(r.weight_sync != "folder" or lp.checkpoint_every == 1, "rollout.weight_sync",
            "object_store or auto when loop.checkpoint_every > 1 (folder reads every round's checkpoint)",
            r.weight_sync)

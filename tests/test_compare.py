@@ -323,7 +323,8 @@ def test_reduced_comparison_end_to_end(tmp_path):
     # the variant (VFT-continued at another lr) runs, from the same base
     e2 = tmp_path / "e2.yaml"
     e2.write_text(f"name: e2\nquestion: q\nconfig: {PRESET}\narms: [aft_bc, vft_half]\nvariants:\n"
-                  "  vft_half: {arm: vft_continued, overrides: [train.lr=5e-4]}\nseeds: [0]\n"
+                  "  vft_half: {arm: vft_continued, overrides: [train.lr=5e-4, loop.checkpoint_every=0]}\n"
+                  "seeds: [0]\n"
                   "contrasts: [aft_bc - vft_half]\nprimary: seed\nalpha: 0.05\nreuse: [e1]\n")
     later = run_comparison(PRESET, ["aft_bc", "vft_half"], [0], tmp_path / "e2", SMALL + ["loop.rounds=1"],
                            bases_dir=out, declaration=load_declaration(e2))
@@ -335,6 +336,8 @@ def test_reduced_comparison_end_to_end(tmp_path):
     assert later["runs_time_s"] == pytest.approx(sum(r["time_round_s"] for r in own))
     assert half["experiment"]["name"] == "e2" and half["rounds"][0] == summaries["aft_bc"]["rounds"][0]
     assert yaml.safe_load((tmp_path / "e2" / "vft_half_s0" / "config.yaml").read_text())["train"]["lr"] == 5e-4
+    # loop.checkpoint_every=0: the run saved no weights after round 0 and says so
+    assert half["final"]["checkpoint"] is None and not (tmp_path / "e2" / "vft_half_s0" / "rounds/1/checkpoint").exists()
 
     # MLflow: one parent run, a child run per arm (and the shared base)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'cmp' / 'mlflow.db'}")

@@ -69,7 +69,7 @@ def test_yaml_file_then_overrides(tmp_path):
     ("rollout.strict_prompts=true", "rollout.strict_prompts was removed: prompts over rollout.max_prompt_tokens"),
     ("rollout.weight_sync=nccl", "rollout.weight_sync: expected auto, object_store or folder: nccl needs"),
     ("rollout.weight_sync=disk", "rollout.weight_sync: expected one of 'auto', 'object_store', 'nccl', 'folder'"),
-    ("loop.checkpoint_every=0", "loop.checkpoint_every: expected an integer >= 1"),
+    ("loop.checkpoint_every=-1", "loop.checkpoint_every: expected an integer >= 0"),
     ("rollout.gpus_per_actor=1", "rollout.gpus_per_actor was replaced by rollout.resources_per_actor"),
     ("train.resources.trainer=1", "train.resources was replaced by train.resources_per_worker"),
     ("train.packing=true", "train.packing was replaced by train.layout"),

@@ -46,6 +46,10 @@ def test_training_rows_keep_mixed_groups_whole_and_references_of_the_rest():
     assert rows[0] == {c: groups[0][c] for c in TRAIN_COLUMNS}
     for row, g in zip(rows[1:], groups[1:]):
         assert row["ref_cot_ids"] == g["ref_cot_ids"] and row["cot_ids"] == row["correct"] == row["rank"] == []
+    # a round trains the groups it planned: the mixed ones first, then references in the rows' order
+    capped = mixed_or_reference(load_groups(groups[::-1]), limit=2)
+    assert [row["id"] for row in capped] == ["q0", "q1"] and capped[0]["cot_ids"] and not capped[1]["cot_ids"]
+    assert [row["id"] for row in mixed_or_reference(load_groups(groups[1:]), limit=1)] == ["q1"]
 
 
 @pytest.mark.slow

@@ -244,6 +244,30 @@ def test_logp_drift_is_per_token(model):
     assert len(logp_drift(model, rows, longest - 1, 0, "cpu")) < len(same)
 
 
+def test_first_step_reads_the_drift_from_its_training_pass(model):
+    """The trainer's first step reads the drift from its own forward pass (`sampled_drift` on a training batch:
+    reference COTs included, shared prefix, gradients on), the same tokens and values as the pass of its own
+    (`logp_drift`); its scores are `score_groups`'."""
+    from aftray.train.scores import sampled_drift, scored_batch, token_logps
+
+    rows = few_shot_rows(14, (3, 2))
+    for row in rows:
+        row["sample_token_logp"] = [naive_token_logps(model, row["prompt_ids"], c) for c in row["cot_ids"]]
+    rows[0]["sample_token_logp"][1] = [x - 0.25 for x in rows[0]["sample_token_logp"][1]]
+    batch = collate_groups(rows, 64, packed=True, with_ref=True, shared_prefix=True)
+    token_logp, _ = token_logps(model, batch)
+    assert token_logp.requires_grad
+    read = sampled_drift(batch, token_logp, rows)
+    with torch.no_grad():
+        own = logp_drift(model, rows, 64, 0, "cpu", shared_prefix=True)
+        scored = score_groups(model, batch)
+    assert len(read) == len(own) == sum(len(c) for r in rows for c in r["cot_ids"])
+    assert sorted(read) == pytest.approx(sorted(own), abs=1e-5)
+    assert max(read) == pytest.approx(0.25, abs=1e-4)
+    assert torch.allclose(scored_batch(batch, token_logp).logp, scored.logp, atol=1e-5)
+    assert torch.allclose(scored_batch(batch, token_logp).vft_logp, scored.vft_logp, atol=1e-5)
+
+
 def unshared_and_shared(model, rows, max_seq_len=64, **flags):
     """S of every sequence under the unshared (padded) and the shared-prefix layouts, with the batches."""
     plain, shared = (collate_groups(rows, max_seq_len, **flags, shared_prefix=s) for s in (False, True))

@@ -161,7 +161,8 @@ class Run:
         cfg = self.cfg
         every, last = cfg.loop.checkpoint_every, cfg.loop.rounds
         sync = cfg.rollout.weight_sync  # resolved by the config: object_store, nccl or folder
-        options = {"name": self.stage_name(r), "save_weights": r == 0 or r % every == 0 or r == last,
+        saved = r == 0 or every > 0 and (r % every == 0 or r == last)
+        options = {"name": self.stage_name(r), "save_weights": saved,
                    "push_weights": sync == "object_store"}
         if sync == "nccl":  # trainer rank 0 broadcasts to the engines; they then hold version r
             options["nccl_engines"] = (self.pool.engines, cfg.rollout.vllm.tensor_parallel_size,
@@ -172,11 +173,12 @@ class Run:
             # the round's blocks, or its parquet folder when the samples were read back on a resume
             groups = self.groups.pop(r, None) or self.dir.samples_path(r)
             per_round = len(self.train_rows) if cfg.loop.mode == "offline" else cfg.loop.questions_per_round
-            # dynamic sampling oversamples to find mixed groups; the others' samples add nothing to a pairwise loss
+            # dynamic sampling oversamples to find mixed groups; the others' samples add nothing to a pairwise
+            # loss, and the stage trains as many groups as the round planned (the mixed ones first)
             pairs_only = bool(cfg.loop.min_mixed_groups) and LOSS_ROWS[cfg.loss.name].needs_pairs(cfg.loss)
             options.update(init="reset" if r == 1 else "continue", after=self.stage_name(r - 1),
                            schedule=(self.align_steps, planned_steps(cfg.train, per_round, cfg.loop.rounds)),
-                           mixed_or_reference=pairs_only)
+                           mixed_or_reference=pairs_only, max_groups=per_round if pairs_only else None)
         start = time.perf_counter()
         result = self.trainer.train(stage, groups, self.checkpoint_of(r - 1), self.dir.round_dir(r),
                                     cfg.train, cfg.loss, trust_remote_code=cfg.model.trust_remote_code, **options)
@@ -268,9 +270,11 @@ class Run:
     def summary(self) -> dict:
         cfg = self.cfg
         rounds = [self.dir.read_round_metrics(r) for r in self.dir.finished_rounds()]
+        last = rounds[-1]["round"]
+        saved = cfg.loop.checkpoint_every or last == 0  # else the final weights were not saved (see LoopConfig)
         return {"run_name": cfg.run_name, "mode": cfg.loop.mode, "loss": cfg.loss.name,
                 "model": cfg.model.name_or_path, "task": cfg.task.name, "rounds": rounds,
-                "final": {**rounds[-1], "checkpoint": str(self.checkpoint_of(rounds[-1]["round"]))}}
+                "final": {**rounds[-1], "checkpoint": str(self.checkpoint_of(last)) if saved else None}}
 
 
 def run_loop(cfg: Config, parent_run_id: str | None = None, trainer=None) -> dict:

@@ -26,7 +26,8 @@ or (shared prefix) a tree of prompt parts and COTs (`_Segment`). Layouts:
   falls back to packed where the model's kernel takes none (flash-attention, flex).
 Every scored token is read from the logits at the position that predicts it (`logit_index`): the previous
 token of its COT, or the prompt's last token for a COT's first token.
-`score_groups(model, batch)` runs the forward pass and returns the `ScoredBatch` the objectives read.
+`score_groups(model, batch)` runs the forward pass and returns the `ScoredBatch` the objectives read; the trainer's
+first step also reads the sampler↔trainer drift from that pass (`token_logps`, `sampled_drift`, `scored_batch`).
 Pure python/torch (no Ray): the Ray Train loop calls these on its dataset shard's rows.
 """
 from __future__ import annotations
@@ -287,36 +288,48 @@ def token_logps(model, batch: GroupBatch) -> tuple[Tensor, Tensor]:
 
 def sequence_logps(model, batch: GroupBatch) -> Tensor:
     """S of every sequence [N] (fp32), from one forward pass: Σ log p over its COT tokens only."""
-    token_logp, seq = token_logps(model, batch)
-    return token_logp.new_zeros(len(batch.seq_group)).index_add(0, seq, token_logp)
+    return _sequence_sums(batch, token_logps(model, batch)[0])
+
+
+def _sequence_sums(batch: GroupBatch, token_logp: Tensor) -> Tensor:
+    return token_logp.new_zeros(len(batch.seq_group)).index_add(0, batch.label_seq, token_logp)
 
 
 @torch.no_grad()
 def logp_drift(model, rows: list[dict], max_seq_len: int, pad_id: int, device, shared_prefix: bool = False
                ) -> list[float]:
-    """|trainer log-prob − sampler log-prob| of every token of the rows' sampled COTs, under the current
-    weights (docs/method.md §Sampler–trainer log-prob drift). COTs or prompts cut to max_seq_len are left out:
-    their context differs from the sampler's."""
+    """`sampled_drift` from a forward pass of its own over the rows' sampled COTs, under the current weights
+    (docs/method.md §Sampler–trainer log-prob drift): for a stage whose first step's micro-batches carry no
+    sampled COT to read it from."""
     rows = [r for r in rows if len(r.get("sample_token_logp", ()))]  # rows of older runs have none
     if not rows:
         return []
     batch = collate_groups(rows, max_seq_len, with_ref=False, pad_id=pad_id, shared_prefix=shared_prefix).to(device)
     if not len(batch.seq_group):  # groups whose COTs were all empty
         return []
-    token_logp, seq = token_logps(model, batch)
-    diffs = []
+    return sampled_drift(batch, token_logps(model, batch)[0], rows)
+
+
+def sampled_drift(batch: GroupBatch, token_logp: Tensor, rows: list[dict]) -> list[float]:
+    """|trainer log-prob − sampler log-prob| of every token of the batch's sampled COTs (`rows`: the rows it was
+    collated from; `token_logp`: `token_logps` of it). The reference COTs, and COTs or prompts cut to
+    max_seq_len (their context differs from the sampler's), are left out."""
+    token_logp, diffs = token_logp.detach().float(), []
     for n, (g, slot) in enumerate(zip(batch.seq_group.tolist(), batch.seq_slot.tolist(), strict=True)):
-        sampled = torch.as_tensor(rows[g]["sample_token_logp"][slot], dtype=torch.float32, device=device)
-        mine = token_logp[seq == n]
-        if len(mine) == len(sampled) and not batch.ref_logp[g, slot].isnan():  # NaN: cut (see collate_groups)
-            diffs += (mine - sampled).abs().tolist()
+        sampled = rows[g].get("sample_token_logp") or ()
+        if slot < 0 or slot >= len(sampled) or not len(sampled[slot]) or batch.ref_logp[g, slot].isnan():
+            continue  # NaN: cut (see collate_groups)
+        mine = token_logp[batch.label_seq == n]
+        theirs = torch.as_tensor(sampled[slot], dtype=torch.float32, device=mine.device)
+        if len(mine) == len(theirs):
+            diffs += (mine - theirs).abs().tolist()
     return diffs
 
 
-def score_groups(model, batch: GroupBatch) -> ScoredBatch:
-    """One forward pass -> the `ScoredBatch` of the micro-batch (S of each sampled COT in its [G, K] slot, the
-    reference COT's S as the VFT piece)."""
-    logp = sequence_logps(model, batch)
+def scored_batch(batch: GroupBatch, token_logp: Tensor) -> ScoredBatch:
+    """The `ScoredBatch` of a micro-batch from its scored tokens' log-probs (`token_logps`): S of each sampled
+    COT in its [G, K] slot, the reference COT's S as the VFT piece."""
+    logp = _sequence_sums(batch, token_logp)
     ref = batch.seq_slot < 0
     g_count, k_max = batch.mask.shape
     cot_logp = logp.new_zeros(g_count, k_max).index_put((batch.seq_group[~ref], batch.seq_slot[~ref]),
@@ -325,3 +338,8 @@ def score_groups(model, batch: GroupBatch) -> ScoredBatch:
     return ScoredBatch(logp=cot_logp, num_tokens=batch.cot_tokens, mask=batch.mask, positive=batch.positive,
                        ranks=batch.ranks, process=batch.process, ref_logp=batch.ref_logp, vft_logp=vft_logp,
                        vft_tokens=batch.ref_tokens)
+
+
+def score_groups(model, batch: GroupBatch) -> ScoredBatch:
+    """One forward pass -> the `ScoredBatch` of the micro-batch."""
+    return scored_batch(batch, token_logps(model, batch)[0])

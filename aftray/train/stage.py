@@ -57,6 +57,7 @@ class StageJob:
     # (engine handles, tensor-parallel size, the engines' dtype, the version they then hold)
     nccl_engines: tuple | None = None
     mixed_or_reference: bool = False  # train mixed groups whole and every other group's reference COT alone
+    max_groups: int | None = None  # with mixed_or_reference: train this many groups at most, mixed ones first
 
     @classmethod
     def create(cls, stage: str, name: str, groups, model_path: str | Path, stage_dir: str | Path,

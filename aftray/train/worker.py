@@ -49,7 +49,8 @@ from aftray.rows import TRAIN_COLUMNS, check_group_table, mixed_or_reference
 from aftray.train.checkpoint import checkpoint_state, full_state_dict, load_checkpoint, save_checkpoint
 from aftray.train.stage import StageJob
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config, skip_shm_comm_op
-from aftray.train.scores import collate_groups, logp_drift, score_groups, takes_custom_masks
+from aftray.train.scores import (collate_groups, logp_drift, sampled_drift, scored_batch, takes_custom_masks,
+                                 token_logps)
 
 log = logging.getLogger("aftray")
 # Counts (and CPU seconds of all workers' processes); the rest are means.
@@ -193,7 +194,7 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = load_groups(job.groups)
     if job.mixed_or_reference:
-        groups = mixed_or_reference(groups)
+        groups = mixed_or_reference(groups, job.max_groups)
     lap("load_groups_s")
     if not groups:
         raise ValueError(f"stage {job.stage}: no group rows to train on")
@@ -211,12 +212,17 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
     lap("resume_s")
 
     shared = train.layout == "shared_prefix" and takes_custom_masks(engine.module)  # else packed
-    with autocast(train, device):  # the drift the training forward passes see
-        drift = first_step_drift(engine, groups, per_step, accum, job, tokenizer.pad_token_id, device, shared) \
-            if step == 0 else {}
-    lap("drift_s")
     objective = job.objective
     with_ref, with_samples = objective.row.sequences_needed(loss_cfg)
+    # the sampler<->trainer drift before any update: read from the first step's own forward passes when they
+    # carry sampled COTs (the same decision on every rank: it sees the whole step), else a pass of its own
+    drift, first_diffs = {}, None
+    if step == 0 and with_samples and any(map(has_samples, step_groups(groups, 0, per_step, train.seed))):
+        first_diffs = []
+    elif step == 0:
+        with autocast(train, device):  # the drift the training forward passes see
+            drift = first_step_drift(engine, groups, per_step, accum, job, tokenizer.pad_token_id, device, shared)
+    lap("drift_s")
     cpu_mark = time.process_time()
     while step < total_steps:
         t0 = time.perf_counter()
@@ -230,7 +236,10 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
             batch = collate_groups(rows, train.max_seq_len, train.layout != "padded", with_ref, with_samples,
                                    tokenizer.pad_token_id, shared).to(device)
             with autocast(train, device):
-                loss, metrics = objective(loss_cfg, score_groups(engine, batch))
+                token_logp, _ = token_logps(engine, batch)
+                if first_diffs is not None:
+                    first_diffs += sampled_drift(batch, token_logp, rows)
+                loss, metrics = objective(loss_cfg, scored_batch(batch, token_logp))
             engine.backward(loss * len(rows) * accum / len(mine))  # DeepSpeed divides by accum
             if i == accum - 1 and engine.zero_optimization_stage() == 0:  # where DeepSpeed drops the norm
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
@@ -240,6 +249,8 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
             parts.append({**metrics, "tokens": batch.sequence_tokens, "forward_tokens": batch.forward_tokens,
                           "truncated": batch.num_truncated})
         step += 1
+        if first_diffs is not None:
+            drift, first_diffs = gather_drift(first_diffs), None
         cpu_s, cpu_mark = time.process_time() - cpu_mark, time.process_time()  # since the last step's end
         grad_norm = engine.get_global_grad_norm()
         grad_norm = module_norm if grad_norm is None else grad_norm
@@ -335,13 +346,19 @@ def push_weights(engine) -> list | None:
     return [put_weights(weights)]  # in a list: Ray hands the ref on as it is, unresolved
 
 
+def has_samples(row: dict) -> bool:
+    """The row carries sampled COTs with the sampler's per-token log-probs (not a reference-only row)."""
+    return any(map(len, row.get("sample_token_logp", ())))
+
+
 def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job: StageJob, pad_id: int,
                      device: torch.device, shared_prefix: bool) -> dict:
-    """Sampler↔trainer log-prob drift before any update, on the first step's worth of the stage's rows that carry
-    sampled COTs (under dynamic sampling some rows train their reference COT alone): {"mean", "max", "tokens"}
-    over all ranks, or {} when no row has any (a VFT stage)."""
+    """Sampler↔trainer log-prob drift before any update, from a forward pass of its own over the first step's
+    worth of the stage's rows that carry sampled COTs: for a stage whose first step has none to read it from
+    (its loss trains reference COTs only, or dynamic sampling left the step reference-only rows). {} when no
+    row has any (a VFT stage)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    sampled = [g for g in groups if any(map(len, g.get("sample_token_logp", ())))]  # the same rows on every rank
+    sampled = [g for g in groups if has_samples(g)]  # the same rows on every rank
     if not sampled:
         return {}
     mine = step_groups(sampled, 0, per_step, job.train.seed)[rank::world]
@@ -349,6 +366,12 @@ def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job:
     for i in range(accum):  # the training step's micro-batches: same count on every rank (ZeRO-3 gathers)
         rows = mine[i * len(mine) // accum:(i + 1) * len(mine) // accum]
         diffs += logp_drift(engine, rows, job.train.max_seq_len, pad_id, device, shared_prefix)
+    return gather_drift(diffs)
+
+
+def gather_drift(diffs: list[float]) -> dict:
+    """{"mean", "max", "tokens"} of the per-token drifts over all ranks, {} when there are none. Collective."""
+    world = dist.get_world_size()
     parts = [None] * world
     dist.all_gather_object(parts, (sum(diffs), len(diffs), max(diffs, default=0.0)))
     tokens = sum(n for _, n, _ in parts)
