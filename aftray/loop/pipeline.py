@@ -10,7 +10,9 @@ has used its questions (`loop.max_oversample` x `loop.questions_per_round`), as 
 They then drop the other groups; here samples.parquet keeps every group. Under a pairwise loss (AFT, DPO, ORPO:
 `aftray.loss_table.LossRow.needs_pairs`) the stage trains each other group's reference COT alone
 (`StageJob.mixed_or_reference`): AFT's VFT term learns from every question, while samples without a pair,
-which would cost k forward and backward passes each and add nothing to the loss, are left out. Losses that
+which would cost k forward and backward passes each and add nothing to the loss, are left out; and it trains
+`loop.questions_per_round` groups, the mixed ones first (`StageJob.max_groups`), so that a round costs the steps
+it planned however many questions it sampled. Losses that
 learn from such groups (RFT from all-right ones, the ranked losses from rank levels) train on every group
 whole."""
 from __future__ import annotations
