@@ -88,10 +88,11 @@ def batch_of(c, **kw):
 def check_bf16_scores(c):
     model, batch, packed = load_model(c.path).to(c.dev).eval(), batch_of(c), batch_of(c, packed=True)
     with torch.no_grad():
-        (t32, s32), (p32, sp) = token_logps(model, batch), token_logps(model, packed)
+        t32, p32 = token_logps(model, batch), token_logps(model, packed)
+        s32, sp = batch.label_seq, packed.label_seq
         shared = sequence_logps(model, batch_of(c, shared_prefix=True))  # the 4D-mask layout on this device
         with torch.autocast(c.dev.type, dtype=torch.bfloat16):
-            t16, _ = token_logps(model, batch)
+            t16 = token_logps(model, batch)
         shared_diff = (shared - sequence_logps(model, batch)).abs().max().item()
     diff = (t16 - t32).abs()
     packed_diff = (p32[sp.argsort(stable=True)] - t32[s32.argsort(stable=True)]).abs().max().item()

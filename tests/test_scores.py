@@ -255,7 +255,7 @@ def test_first_step_reads_the_drift_from_its_training_pass(model):
         row["sample_token_logp"] = [naive_token_logps(model, row["prompt_ids"], c) for c in row["cot_ids"]]
     rows[0]["sample_token_logp"][1] = [x - 0.25 for x in rows[0]["sample_token_logp"][1]]
     batch = collate_groups(rows, 64, packed=True, with_ref=True, shared_prefix=True)
-    token_logp, _ = token_logps(model, batch)
+    token_logp = token_logps(model, batch)
     assert token_logp.requires_grad
     read = sampled_drift(batch, token_logp, rows)
     with torch.no_grad():

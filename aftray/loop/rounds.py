@@ -271,7 +271,7 @@ class Run:
         cfg = self.cfg
         rounds = [self.dir.read_round_metrics(r) for r in self.dir.finished_rounds()]
         last = rounds[-1]["round"]
-        saved = cfg.loop.checkpoint_every or last == 0  # else the final weights were not saved (see LoopConfig)
+        saved = last == 0 or self.dir.has_checkpoint(last)  # not under loop.checkpoint_every: 0
         return {"run_name": cfg.run_name, "mode": cfg.loop.mode, "loss": cfg.loss.name,
                 "model": cfg.model.name_or_path, "task": cfg.task.name, "rounds": rounds,
                 "final": {**rounds[-1], "checkpoint": str(self.checkpoint_of(last)) if saved else None}}

@@ -277,22 +277,27 @@ def _model_inputs(model, batch: GroupBatch) -> dict[str, Tensor]:
     return inputs
 
 
-def token_logps(model, batch: GroupBatch) -> tuple[Tensor, Tensor]:
-    """log p of every scored COT token (fp32), in sequence order, and the sequence each belongs to."""
+def token_logps(model, batch: GroupBatch) -> Tensor:
+    """log p of every scored COT token (fp32), in sequence order (`batch.label_seq`: the sequence of each)."""
     # use_cache=False also matters for packing: with a cache transformers skips the packed-sequence detection
     logits = model(**_model_inputs(model, batch), use_cache=False).logits
     logits = logits.reshape(-1, logits.shape[-1])[batch.logit_index].float()  # the log-softmax in fp32 under bf16
-    token_logp = logits.gather(-1, batch.labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    return token_logp, batch.label_seq
+    return logits.gather(-1, batch.labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def sequence_logps(model, batch: GroupBatch) -> Tensor:
     """S of every sequence [N] (fp32), from one forward pass: Σ log p over its COT tokens only."""
-    return _sequence_sums(batch, token_logps(model, batch)[0])
+    return _sequence_sums(batch, token_logps(model, batch))
 
 
 def _sequence_sums(batch: GroupBatch, token_logp: Tensor) -> Tensor:
     return token_logp.new_zeros(len(batch.seq_group)).index_add(0, batch.label_seq, token_logp)
+
+
+def has_samples(row: dict) -> bool:
+    """The row carries sampled COTs with the sampler's per-token log-probs (not a reference-only row, nor one
+    of a run from before the rows recorded them)."""
+    return any(map(len, row.get("sample_token_logp", ())))
 
 
 @torch.no_grad()
@@ -301,13 +306,13 @@ def logp_drift(model, rows: list[dict], max_seq_len: int, pad_id: int, device, s
     """`sampled_drift` from a forward pass of its own over the rows' sampled COTs, under the current weights
     (docs/method.md §Sampler–trainer log-prob drift): for a stage whose first step's micro-batches carry no
     sampled COT to read it from."""
-    rows = [r for r in rows if len(r.get("sample_token_logp", ()))]  # rows of older runs have none
+    rows = [r for r in rows if has_samples(r)]
     if not rows:
         return []
     batch = collate_groups(rows, max_seq_len, with_ref=False, pad_id=pad_id, shared_prefix=shared_prefix).to(device)
     if not len(batch.seq_group):  # groups whose COTs were all empty
         return []
-    return sampled_drift(batch, token_logps(model, batch)[0], rows)
+    return sampled_drift(batch, token_logps(model, batch), rows)
 
 
 def sampled_drift(batch: GroupBatch, token_logp: Tensor, rows: list[dict]) -> list[float]:
@@ -342,4 +347,4 @@ def scored_batch(batch: GroupBatch, token_logp: Tensor) -> ScoredBatch:
 
 def score_groups(model, batch: GroupBatch) -> ScoredBatch:
     """One forward pass -> the `ScoredBatch` of the micro-batch."""
-    return scored_batch(batch, token_logps(model, batch)[0])
+    return scored_batch(batch, token_logps(model, batch))

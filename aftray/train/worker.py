@@ -49,8 +49,8 @@ from aftray.rows import TRAIN_COLUMNS, check_group_table, mixed_or_reference
 from aftray.train.checkpoint import checkpoint_state, full_state_dict, load_checkpoint, save_checkpoint
 from aftray.train.stage import StageJob
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config, skip_shm_comm_op
-from aftray.train.scores import (collate_groups, logp_drift, sampled_drift, scored_batch, takes_custom_masks,
-                                 token_logps)
+from aftray.train.scores import (collate_groups, has_samples, logp_drift, sampled_drift, scored_batch,
+                                 takes_custom_masks, token_logps)
 
 log = logging.getLogger("aftray")
 # Counts (and CPU seconds of all workers' processes); the rest are means.
@@ -236,7 +236,7 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
             batch = collate_groups(rows, train.max_seq_len, train.layout != "padded", with_ref, with_samples,
                                    tokenizer.pad_token_id, shared).to(device)
             with autocast(train, device):
-                token_logp, _ = token_logps(engine, batch)
+                token_logp = token_logps(engine, batch)
                 if first_diffs is not None:
                     first_diffs += sampled_drift(batch, token_logp, rows)
                 loss, metrics = objective(loss_cfg, scored_batch(batch, token_logp))
@@ -344,11 +344,6 @@ def push_weights(engine) -> list | None:
     from aftray.weights import put_weights
 
     return [put_weights(weights)]  # in a list: Ray hands the ref on as it is, unresolved
-
-
-def has_samples(row: dict) -> bool:
-    """The row carries sampled COTs with the sampler's per-token log-probs (not a reference-only row)."""
-    return any(map(len, row.get("sample_token_logp", ())))
 
 
 def first_step_drift(engine, groups: list[dict], per_step: int, accum: int, job: StageJob, pad_id: int,
