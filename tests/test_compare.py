@@ -308,6 +308,11 @@ def test_reduced_comparison_end_to_end(tmp_path):
     first, second = (summaries[a]["rounds"][1] for a in arms)
     assert first["num_questions"] == second["num_questions"] and first["train_steps"] == second["train_steps"]
     assert summaries["aft_bc"]["loss"] == "aft_bc" and summaries["vft_continued"]["loss"] == "vft"
+    # round 1's samples, drawn by the base's weights, are the first arm's (hard-linked), not sampled again
+    shared = sorted((out / "vft_continued_s0/rounds/1/samples.parquet").glob("*.parquet"))
+    assert shared and all(p.samefile(out / "aft_bc_s0/rounds/1/samples.parquet" / p.name) for p in shared)
+    assert second.get("reused_samples") == 1 and "reused_samples" not in first
+    assert second["pass_at_k"] == first["pass_at_k"] and second["rollout_tokens_per_s"] == 0
     assert result["arms"]["aft_bc"]["final"]["accuracy"]["mean"] == second["accuracy"]
     # every run records its experiment; one seed gives no test, so nothing is resolved
     base = json.loads((out / "base_s0" / "summary.json").read_text())

@@ -278,6 +278,33 @@ def test_pool_refresh_in_place(tiny_pool, tiny_rows, task, tiny_model_path):
     assert {i: c for i, (c, _) in greedy(12).items()} == {i: c for i, (c, _) in before.items()}
 
 
+def test_a_run_taking_the_pool_over_gets_its_own_start(tiny_pool, tiny_rows, task, tiny_model_path):
+    """A comparison's runs share one pool: the next run's starting weights are loaded even when the engines hold
+    a version of the same label (another run's weights), with its own sampling seed and empty round stats."""
+    def greedy():
+        groups = groups_by_id(tiny_pool, tiny_rows, 30, task.answer_kind, params=GREEDY)
+        return {i: g["cot_ids"][0] for i, g in groups.items()}
+
+    own, v = tiny_pool.cfg, tiny_pool.version
+    tiny_pool.refresh(tiny_model_path, v + 1)
+    base = greedy()
+    tiny_pool.refresh(put_weights(other_weights(tiny_model_path)), v + 2)  # the last run's weights, labelled v + 2
+    groups_by_id(tiny_pool, tiny_rows[:2], 41, task.answer_kind)
+    assert greedy() != base and tiny_pool.metrics(41)["num_questions"] == 2
+    try:
+        tiny_pool.start_run(replace(own, seed=5), tiny_model_path, v + 2)
+        assert tiny_pool.cfg.seed == 5 and tiny_pool.version == v + 2
+        assert greedy() == base and "num_questions" not in tiny_pool.metrics(41)
+        # engines built for other settings (or another base model) serve no run of theirs
+        engine_dtype = tiny_pool.engine_key[2]
+        assert not tiny_pool.serves(replace(own, max_new_tokens=99), tiny_model_path, engine_dtype)
+        assert not tiny_pool.serves(own, "/elsewhere", engine_dtype)
+        with pytest.raises(ValueError, match="other settings"):
+            tiny_pool.start_run(replace(own, k=2), tiny_model_path, v + 3)
+    finally:
+        tiny_pool.start_run(own, tiny_model_path, v + 3)
+
+
 def test_pool_starting_label_is_not_skipped(ray_local, tiny_model_path, tiny_rows, task, tmp_path):
     """The loop labels the base model -1, so round 0's VFT weights (version 0) are loaded, not skipped as held."""
     from safetensors.torch import save_file

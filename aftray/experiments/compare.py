@@ -33,12 +33,15 @@ from pathlib import Path
 
 import yaml
 
+from aftray.cluster import start_ray
 from aftray.config import flatten, load_config, to_dict
 from aftray.experiments.declaration import START, Declaration, check_pooling
 from aftray.experiments.stats import holm, paired_test, task_level_test
-from aftray.loss_table import LOSS_TABLE
 from aftray.loop.rounds import run_loop
-from aftray.run.rundir import read_summary, write_json
+from aftray.loss_table import LOSS_TABLE
+from aftray.models import resolve_model_path
+from aftray.rollout import RolloutPool
+from aftray.run.rundir import RunDir, read_summary, write_json
 from aftray.run.tracking import Tracker
 from aftray.train.service import TrainService
 
@@ -63,6 +66,39 @@ def _link_round_zero(base_dir: Path, arm_dir: Path) -> None:
         return
     shutil.copytree(base_dir / "rounds" / "0", arm_dir / "rounds" / "0", copy_function=os.link,
                     dirs_exist_ok=True)
+
+
+def _link_samples(first_arm_dir: Path, arm_dir: Path) -> None:
+    """Round 1's samples of the seed's first arm, hard-linked: every arm of a seed samples round 1 with its
+    base's weights, the same questions and per-question seeds, so they are the same COTs (checked: identical in
+    all 21 runs of the SmolLM2 comparison before they were shared), as in the paper, where every method trains
+    on one sampling of the VFT model. The run finds them on disk and skips round 1's rollout."""
+    source, target = RunDir(first_arm_dir).samples_path(1), RunDir(arm_dir).samples_path(1)
+    if source.is_dir() and not target.exists():
+        shutil.copytree(source, target, copy_function=os.link)
+
+
+class SharedPool:
+    """The rollout pool a comparison's runs sample on (each run loads its own weights into it: `Run`), started
+    when a run first needs it: the engines' start-up (~20 s for SmolLM2 on vLLM, 2 cores) is paid once, as the
+    trainer's is. A run whose rollout settings it does not serve starts its own (`RolloutPool.serves`)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.pool = cfg, None
+
+    def get(self) -> RolloutPool:
+        if self.pool is None:
+            start_ray(self.cfg)
+            self.pool = RolloutPool(self.cfg.rollout, resolve_model_path(self.cfg.model), version=-1,
+                                    dtype=self.cfg.train.weights_dtype)
+        return self.pool
+
+    def __enter__(self) -> SharedPool:
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _finished(cfg) -> dict | None:
@@ -141,9 +177,11 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
     start = time.perf_counter()
     runs: dict[str, dict[int, dict]] = {label[arm, name]: {} for name, _ in settings for arm in arms}
     bases: dict[str, dict] = {}
-    # one set of train workers for every run: their start-up (~35 s here) is paid once, not once per arm
+    # one set of train workers and one rollout pool for every run: their start-up (~35 s and ~20 s here) is paid
+    # once, not once per arm
     with (Tracker(first.tracking, out_dir / "parent", out_dir.name, out_dir) as parent,
-          TrainService(first.train, out_dir / "train_state", first.cluster.placement_strategy) as trainer):
+          TrainService(first.train, out_dir / "train_state", first.cluster.placement_strategy) as trainer,
+          SharedPool(first) as rollout):
         parent.log_params({"arms": ",".join(arms), "seeds": ",".join(map(str, seeds)), "preset": str(preset),
                            "overrides": " ".join(overrides), "grid": str(grid or {}),
                            "task_seeds": ",".join(map(str, task_seeds or []))})
@@ -157,17 +195,22 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
             b_seed = seed if not shared_base else seeds[0] if base_seed is None else base_seed
             base = load_config(preset, overrides + task + [f"output_dir={bases_dir}", f"seed={b_seed}",
                                                            f"run_name=base_{_tag(t, b_seed)}", "loop.rounds=0"])
-            bases[base.run_name] = _recorded(base, _finished(base) or run_loop(base, parent.run_id, trainer),
-                                             declaration)
+            bases[base.run_name] = _recorded(
+                base, _finished(base) or run_loop(base, parent.run_id, trainer, rollout.get()), declaration)
             seeded = overrides + task + [f"output_dir={out_dir}", f"seed={seed}", f"model.tiny.seed={b_seed}"]
             for name, setting in settings:
+                sampled = None  # the run folder of this seed and setting's first arm that differs only by loss
                 for arm in arms:
                     cfg = load_config(preset, seeded + setting + [f"run_name={label[arm, name]}_{_tag(t, seed)}",
                                                                   *arm_overrides[arm]])
                     summary = _reused_run(cfg, bases_dir, declaration)
                     if summary is None:
                         _link_round_zero(base.run_dir, cfg.run_dir)
-                        summary = _finished(cfg) or run_loop(cfg, parent.run_id, trainer)
+                        loss_only = all(o.startswith("loss.") for o in arm_overrides[arm])
+                        if loss_only and sampled:
+                            _link_samples(sampled, cfg.run_dir)
+                        summary = _finished(cfg) or run_loop(cfg, parent.run_id, trainer, rollout.get())
+                        sampled = sampled or (cfg.run_dir if loss_only else None)
                     runs[label[arm, name]][seed] = _recorded(cfg, summary, declaration)
         controls = {label[arm, name]: label.get(("vft_continued", name)) for name, _ in settings for arm in arms}
         result = aggregate(runs, first.loop.rounds, controls, contrasts, task_of, declaration)

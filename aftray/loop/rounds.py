@@ -96,9 +96,10 @@ def resume_point(run_dir: RunDir) -> list[int]:
 class Run:
     """The state one run needs across rounds: config, run dir, samplers, train workers.
 
-    trainer: train workers to use (a comparison shares one between its runs); else the run starts its own."""
+    trainer, pool: train workers and a rollout pool to use (a comparison shares them between its runs; the pool
+    only where it `serves` this run's settings); else the run starts its own."""
 
-    def __init__(self, cfg: Config, trainer=None):
+    def __init__(self, cfg: Config, trainer: TrainService | None = None, pool: RolloutPool | None = None):
         self.cfg, self.dir = cfg, RunDir(cfg.run_dir)
         save_config(cfg, self.dir.config_path)
         self.task = load_task(cfg.task)
@@ -121,7 +122,13 @@ class Run:
             # the train workers start (processes, imports, process group) while the samplers start and round 0
             # evaluates, not when round 1 first needs them: ~25 s off the run's critical path on 2 cores
             self.trainer.start()
-        self.pool = RolloutPool(cfg.rollout, self.weights, version=self.version, dtype=cfg.train.weights_dtype)
+        dtype = cfg.train.weights_dtype
+        self.owns_pool = pool is None or not pool.serves(cfg.rollout, self.base_model, dtype)
+        if self.owns_pool:
+            self.pool = RolloutPool(cfg.rollout, self.weights, version=self.version, dtype=dtype)
+        else:
+            self.pool = pool
+            pool.start_run(cfg.rollout, self.weights, self.version)
         self.evaluator = Evaluator(cfg, self.pool, self.task.answer_kind, self.eval_rows, self.dir)
         self.groups: dict[int, list] = {}  # round -> refs to its group rows' blocks (until it trains)
         # align steps taken so far: where the next stage starts on the run's learning-rate schedule
@@ -277,10 +284,12 @@ class Run:
                 "final": {**rounds[-1], "checkpoint": str(self.checkpoint_of(last)) if saved else None}}
 
 
-def run_loop(cfg: Config, parent_run_id: str | None = None, trainer=None) -> dict:
+def run_loop(cfg: Config, parent_run_id: str | None = None, trainer: TrainService | None = None,
+             pool: RolloutPool | None = None) -> dict:
     """Run (or resume) every round of `cfg`; returns the summary (also at <run_dir>/summary.json).
-    trainer: a `TrainService` to train on (left running); by default the run starts and stops its own."""
-    run = Run(cfg, trainer)
+    trainer, pool: a `TrainService` to train on and a `RolloutPool` to sample on (left running; see `Run`); by
+    default the run starts and stops its own."""
+    run = Run(cfg, trainer, pool)
     with Tracker(cfg.tracking, run.dir.root, cfg.run_name, cfg.output_dir, parent_run_id) as tracker:
         tracker.log_params(flatten(to_dict(cfg)))
         tracker.log_artifact(run.dir.config_path)
@@ -297,7 +306,8 @@ def run_loop(cfg: Config, parent_run_id: str | None = None, trainer=None) -> dic
         for path in plot_run(summary, run.dir.plots_dir):
             tracker.log_artifact(path, "plots")
         tracker.log_artifact(run.dir.summary_path)
-        run.pool.shutdown()
+        if run.owns_pool:
+            run.pool.shutdown()
         if run.owns_trainer:
             run.trainer.close()
     log.info(result_line(summary["rounds"][0], summary["rounds"][-1]))

@@ -52,6 +52,11 @@ class Weights:
     source: None | str | list = None
 
 
+def _engine_settings(cfg: RolloutConfig) -> RolloutConfig:
+    """The settings an engine is built with: all of the rollout config but the sampling seed."""
+    return replace(cfg, seed=None)
+
+
 def truncate_prompts(prompts: list[list[int]], limit: int) -> tuple[list[list[int]], int]:
     """Left-truncate to `limit` tokens (the end of a prompt is what the model continues) and count them."""
     return [p[-limit:] for p in prompts], sum(len(p) > limit for p in prompts)
@@ -85,9 +90,9 @@ class EngineActor:
     def close(self) -> None:
         self.engine.close()
 
-    def sync(self, weights: Weights) -> None:
-        """Load `weights` unless already held."""
-        if self.engine.version == weights.version:
+    def sync(self, weights: Weights, force: bool = False) -> None:
+        """Load `weights` unless already held (force: whatever version the engine holds)."""
+        if self.engine.version == weights.version and not force:
             return
         if weights.source is None or isinstance(weights.source, str):
             self.engine.load_weights(weights.source or self.model_path, weights.version)
@@ -177,9 +182,13 @@ class Router:
         for k, v in stats.items():
             self.stats[round_index][k] += v
 
-    async def refresh(self, weights: Weights) -> None:
+    async def refresh(self, weights: Weights, new_run: bool = False) -> None:
+        """new_run: another run takes the pool over: its round stats start empty, and its starting weights are
+        loaded whatever the engines hold (its version labels may be ones the last run used)."""
+        if new_run:
+            self.stats.clear()
         self.weights = weights  # calls dispatched from now on carry it; in-flight ones finish first
-        await asyncio.gather(*(e.sync.remote(weights) for e in self.engines))
+        await asyncio.gather(*(e.sync.remote(weights, new_run) for e in self.engines))
 
     def metrics(self, round_index: int | None) -> dict:
         stats = {"time_generate_s": 0.0, **self.stats.get(round_index, {})}
@@ -214,6 +223,8 @@ class RolloutPool:
         engines skip a version they hold (the loop starts a base model at -1: round 0's VFT weights are 0).
         `dtype`: the trainer's weights' (`TrainConfig.weights_dtype`), which vLLM engines serve."""
         self.cfg = cfg
+        # what its engines were built with; a later run may sample on them if it asks for the same (`serves`)
+        self.engine_key = (_engine_settings(cfg), str(Path(model_path).absolute()), dtype)
         actor = ray.remote(EngineActor).options(**actor_options(cfg), max_restarts=MAX_RESTARTS,
                                                 max_task_retries=MAX_RESTARTS)
         self._engines = [actor.remote(str(model_path), cfg, version, dtype) for _ in range(cfg.num_actors)]
@@ -250,15 +261,31 @@ class RolloutPool:
             compute=ray.data.TaskPoolStrategy(size=in_flight),
             fn_kwargs={"router": self.router, "round_index": round_index, "params": params})
 
-    def refresh(self, weights: str | Path | ray.ObjectRef, version: int) -> float:
+    def serves(self, cfg: RolloutConfig, model_path: str | Path, dtype: str) -> bool:
+        """Whether a run with these settings may sample on this pool (`start_run`): engines built alike, on the
+        same base model. The sampling seed may differ (every call carries its own); NCCL weight transfer ties
+        the engines to one trainer's process group, so those pools serve their own run alone."""
+        return (cfg.weight_sync != "nccl"
+                and (_engine_settings(cfg), str(Path(model_path).absolute()), dtype) == self.engine_key)
+
+    def start_run(self, cfg: RolloutConfig, weights: str | Path | ray.ObjectRef, version: int) -> float:
+        """Another run takes the pool over (a comparison's runs share one, as they share the trainer): its
+        sampling settings and starting weights (`refresh`'s arguments), loaded even where an engine holds a
+        version of that label, and round stats of its own. Returns wall seconds."""
+        if not self.serves(cfg, *self.engine_key[1:]):
+            raise ValueError("rollout: this pool's engines were built for other settings (RolloutPool.serves)")
+        self.cfg = cfg
+        return self.refresh(weights, version, new_run=True)
+
+    def refresh(self, weights: str | Path | ray.ObjectRef, version: int, new_run: bool = False) -> float:
         """New weights into every engine, in place: a ref from `aftray.weights.put_weights` (what a train
         worker puts after its stage: `rollout.weight_sync=object_store`), or a checkpoint folder (read by each
         engine, so on storage every engine's node sees: `folder`). `version` must name these weights alone
-        (engines skip a version they hold). Returns wall seconds."""
+        (engines skip a version they hold). new_run: see `start_run`. Returns wall seconds."""
         start = time.perf_counter()
         source = str(Path(weights).absolute()) if isinstance(weights, (str, Path)) else [weights]
         self._weights = Weights(version, source)
-        ray.get(self.router.refresh.remote(self._weights))
+        ray.get(self.router.refresh.remote(self._weights, new_run))
         seconds = time.perf_counter() - start
         log.debug("rollout: weights v%d in %d engine(s) in %.2f s", version, len(self._engines), seconds)
         return seconds

@@ -139,7 +139,8 @@ def phase_line(phase: str, m: dict, rounds: int) -> str:
     Phases: rollout, verify, train, sync, eval, and done (the round's end)."""
     if phase == "rollout":
         text = (f"{m['num_questions']} questions, {m['num_samples']} distinct COTs, "
-                f"{m['rollout_tokens_per_s']:.0f} tokens/s, {m['time_rollout_s']:.0f} s")
+                + ("found on disk, not sampled again" if m.get("reused_samples") else
+                   f"{m['rollout_tokens_per_s']:.0f} tokens/s, {m['time_rollout_s']:.0f} s"))
     elif phase == "verify":
         text = (f"{m['num_positive']} right / {m['num_negative']} wrong COTs, {m['rollout_num_mixed_groups']} "
                 f"mixed groups, pass@k {_f(m['pass_at_k'], '.2f')}, {m['time_verify_s']:.1f} s")
