@@ -90,6 +90,10 @@ RENAMED = {
 }
 
 
+# the weights' dtype unless the trainer holds bf16 ones (`TrainConfig.weights_dtype`): what engines serve by default
+FP32 = "float32"
+
+
 @dataclass
 class TinyModelConfig:
     """Random-init Llama used by tests and the arith preset (see `aftray.models.build_tiny_model`)."""
@@ -261,7 +265,7 @@ class TrainConfig:
     # the dtype of the weights the workers hold and push (amp_bf16 keeps fp32 ones): what vLLM serves
     @property
     def weights_dtype(self) -> str:
-        return "bfloat16" if self.dtype == "bf16" else "float32"
+        return "bfloat16" if self.dtype == "bf16" else FP32
 
 
 @dataclass

@@ -183,16 +183,18 @@ def is_mixed(row: dict) -> bool:
     return any(correct) and not all(correct)
 
 
+def mixed_first(rows: Iterable[dict], limit: int | None = None) -> list[dict]:
+    """The mixed groups, then the others, each kept in its order; `limit` at most."""
+    rows = list(rows)
+    return ([row for row in rows if is_mixed(row)] + [row for row in rows if not is_mixed(row)])[:limit]
+
+
 def mixed_or_reference(rows: Iterable[dict], limit: int | None = None) -> list[dict]:
     """Dynamic sampling's training rows under a pairwise loss: a mixed group whole, any other group with its
     reference COT alone (for the VFT term); its samples would give the alignment term no pair, yet cost k
     forward and backward passes. With `limit`: that many rows at most, the mixed groups first, so that a round
     trains the groups it planned however many questions it sampled to find its pairs (DAPO's fixed batch)."""
-    rows = list(rows)
-    mixed = [is_mixed(row) for row in rows]
-    ordered = [row for row, m in zip(rows, mixed) if m] + [reference_only(row) for row, m in zip(rows, mixed)
-                                                           if not m]
-    return ordered[:limit]
+    return [row if is_mixed(row) else reference_only(row) for row in mixed_first(rows, limit)]
 
 
 def _fits(found: pa.DataType, want: pa.DataType) -> bool:

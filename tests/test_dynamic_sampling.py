@@ -8,7 +8,7 @@ import pytest
 from aftray.config import load_config
 from aftray.loop.rounds import round_questions
 from aftray.rows import TRAIN_COLUMNS, group_row, mixed_or_reference
-from aftray.train.worker import load_groups
+from aftray.train.worker import groups_for_steps, load_groups
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "arith_cpu.yaml"
 
@@ -50,6 +50,21 @@ def test_training_rows_keep_mixed_groups_whole_and_references_of_the_rest():
     capped = mixed_or_reference(load_groups(groups[::-1]), limit=2)
     assert [row["id"] for row in capped] == ["q0", "q1"] and capped[0]["cot_ids"] and not capped[1]["cot_ids"]
     assert [row["id"] for row in mixed_or_reference(load_groups(groups[1:]), limit=1)] == ["q1"]
+
+
+def test_a_stage_with_fewer_places_than_groups_trains_the_mixed_ones_first():
+    def group(i, correct):
+        return {"id": f"q{i}", "correct": correct}
+
+    groups = [group(i, c) for i, c in enumerate([[True, True], [False], [True, False], [False, False],
+                                                  [False, True], [True]])]
+    assert groups_for_steps(groups, 6, seed=0) == groups  # they fit: untouched
+    for seed in range(5):
+        picked = groups_for_steps(groups, 4, seed)
+        assert [g["id"] for g in picked[:2]] in (["q2", "q4"], ["q4", "q2"]) and len(picked) == 4
+        assert len({g["id"] for g in picked}) == 4 and picked == groups_for_steps(groups, 4, seed)
+    # the places left over go to the other groups in a seeded order, not always the first ones
+    assert len({tuple(g["id"] for g in groups_for_steps(groups, 3, seed)) for seed in range(8)}) > 1
 
 
 @pytest.mark.slow

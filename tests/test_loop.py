@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -82,6 +83,10 @@ def _check_summary(run_dir: Path, rounds: int, mode: str) -> dict:
         # an accuracy carries its denominator and its binomial SE
         p, n = rec["accuracy"], rec["num_eval_questions"]
         assert n == 30 and rec["accuracy_se"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+        # the greedy COTs behind it are kept, one per question, and give that accuracy
+        greedy = pd.read_parquet(run_dir / "rounds" / str(rec["round"]) / "eval_greedy.parquet")
+        correct = greedy["correct"].map(lambda c: len(c) > 0 and bool(c[0]))
+        assert len(greedy) == n and correct.mean() == pytest.approx(p)
     for r in range(1, rounds + 1):
         rec = summary["rounds"][r]
         assert rec["num_samples"] > 0 and rec["time_train_s"] > 0 and rec["train_loss"] == rec["train_loss"]

@@ -6,7 +6,10 @@ one VFT model, then the fine-tuning methods; seeds vary sampling, data order and
 `shared_base=False` (seeds also vary the model init). Each arm's run directory gets a hard-linked copy of its
 base's round 0 and resumes from round 1, so the arms share the starting weights, the held-out candidate set and
 round 0's numbers. `vft` is the "VFT continued" control: the same extra steps spent
-on plain VFT on the reference COTs.
+on plain VFT on the reference COTs. The arms of a seed whose settings differ only by `loss.*` also share round 1's
+samples, drawn once by the base's weights (`_link_samples`), as the paper's methods all train on one sampling of
+the VFT model; later rounds sample with each arm's own weights. All runs sample on one rollout pool and train on
+one set of train workers, so each start-up is paid once.
 
 Task seeds (arith only) spread the seeds over several generated problem sets, so that an effect is measured
 across tasks, not on one draw of 300 test questions: seed i runs on task seed i mod their number (see
@@ -198,15 +201,15 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
             bases[base.run_name] = _recorded(
                 base, _finished(base) or run_loop(base, parent.run_id, trainer, rollout.get()), declaration)
             seeded = overrides + task + [f"output_dir={out_dir}", f"seed={seed}", f"model.tiny.seed={b_seed}"]
+            sampled = None  # the first run folder of this seed whose settings differ from the base's by loss.* alone
             for name, setting in settings:
-                sampled = None  # the run folder of this seed and setting's first arm that differs only by loss
                 for arm in arms:
                     cfg = load_config(preset, seeded + setting + [f"run_name={label[arm, name]}_{_tag(t, seed)}",
                                                                   *arm_overrides[arm]])
                     summary = _reused_run(cfg, bases_dir, declaration)
                     if summary is None:
                         _link_round_zero(base.run_dir, cfg.run_dir)
-                        loss_only = all(o.startswith("loss.") for o in arm_overrides[arm])
+                        loss_only = all(o.startswith("loss.") for o in (*setting, *arm_overrides[arm]))
                         if loss_only and sampled:
                             _link_samples(sampled, cfg.run_dir)
                         summary = _finished(cfg) or run_loop(cfg, parent.run_id, trainer, rollout.get())

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
+from pathlib import Path
 
 import ray
 
@@ -38,7 +40,8 @@ class Evaluator:
         if not self.eval_rows:
             return float("nan")
         with progress(f"round {r} eval (greedy)", generated(self.pool, r), len(self.eval_rows)):
-            return greedy_accuracy(self.pool, self.eval_rows, r, self.cfg, self.answer_kind)
+            return greedy_accuracy(self.pool, self.eval_rows, r, self.cfg, self.answer_kind,
+                                   self.dir.round_dir(r) / "eval_greedy.parquet")
 
     def candidates(self) -> list[dict]:
         if not self.candidates_path.exists():
@@ -102,10 +105,16 @@ def greedy_params(cfg: Config) -> SamplingParams:
     return SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.rollout.seed)
 
 
-def greedy_accuracy(pool, rows: list[dict], r: int, cfg: Config, answer_kind: str) -> float:
-    """Exact-match accuracy of greedy decoding (one COT per question), each engine's share in one call."""
+def greedy_accuracy(pool, rows: list[dict], r: int, cfg: Config, answer_kind: str, out: Path | None = None
+                    ) -> float:
+    """Exact-match accuracy of greedy decoding (one COT per question), each engine's share in one call.
+    out: a parquet folder that keeps the greedy COTs as group rows (what a policy that lost accuracy writes)."""
     groups = sample_groups(pool, ray.data.from_items(rows), r, cfg.verify, answer_kind, greedy_params(cfg),
                            per_engine(rows, pool))
+    if out is not None:
+        groups = groups.materialize()
+        shutil.rmtree(out, ignore_errors=True)  # a killed run's partial folder
+        groups.write_parquet(str(out))
     correct = groups.select_columns(["correct"]).take_all()
     return sum(bool(len(g["correct"]) and g["correct"][0]) for g in correct) / len(correct)
 

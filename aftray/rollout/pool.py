@@ -33,7 +33,7 @@ import pyarrow as pa
 import ray
 
 from aftray.cluster import actor_options
-from aftray.config import RolloutConfig
+from aftray.config import FP32, RolloutConfig
 from aftray.rollout.engine import Engine, SamplingParams, derive_seed
 from aftray.rollout.questions import encode_prompt
 from aftray.weights import from_payload
@@ -62,7 +62,7 @@ def truncate_prompts(prompts: list[list[int]], limit: int) -> tuple[list[list[in
     return [p[-limit:] for p in prompts], sum(len(p) > limit for p in prompts)
 
 
-def make_engine(kind: str, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32") -> Engine:
+def make_engine(kind: str, model_path: str | Path, cfg: RolloutConfig, dtype: str = FP32) -> Engine:
     """dtype: what vLLM serves, the trainer's weights' (`TrainConfig.weights_dtype`); HF picks its own."""
     # engines import torch/transformers or vLLM (an optional extra): only the process that builds one loads them
     if kind == "hf":
@@ -218,7 +218,7 @@ def _rollout_batch(batch: pa.Table, router, round_index: int, params: SamplingPa
 class RolloutPool:
     """`cfg.num_actors` engine actors (created here, kept until `shutdown`) and the router before them."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str | Path, version: int = 0, dtype: str = "float32"):
+    def __init__(self, cfg: RolloutConfig, model_path: str | Path, version: int = 0, dtype: str = FP32):
         """`version` labels the weights at `model_path`; a later `refresh` must use another label, since
         engines skip a version they hold (the loop starts a base model at -1: round 0's VFT weights are 0).
         `dtype`: the trainer's weights' (`TrainConfig.weights_dtype`), which vLLM engines serve."""

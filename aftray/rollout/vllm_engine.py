@@ -42,7 +42,7 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
-from aftray.config import RolloutConfig
+from aftray.config import FP32, RolloutConfig
 from aftray.rollout.engine import Completion, Engine, SamplingParams, per_prompt
 
 log = logging.getLogger("aftray")
@@ -179,7 +179,7 @@ def _stage_lm_head(src: Path, dst: Path, embed: str) -> None:
 
 
 class VLLMEngine(Engine):
-    def __init__(self, model_path: str | Path, cfg: RolloutConfig, dtype: str = "float32"):
+    def __init__(self, model_path: str | Path, cfg: RolloutConfig, dtype: str = FP32):
         vllm = _import_vllm()
         model_path = Path(model_path)
         on_gpu = cfg.gpus_per_actor > 0

@@ -15,7 +15,8 @@ first load nothing and keep Adam's moments. A worker that lost it (a restarted w
 restores model and optimizer from the end-state checkpoint of the stage it continues.
 
 Batching. Optimizer step t takes the next `per_step` groups of an endless stream: the groups in a seeded
-shuffled order, reshuffled on each pass. `per_step` is `questions_per_step` rounded up to a multiple of the
+shuffled order, reshuffled on each pass (a stage whose steps cannot take every group once keeps the mixed ones
+first: `groups_for_steps`). `per_step` is `questions_per_step` rounded up to a multiple of the
 world size; each worker takes every world-th group of the step and splits its share into `accum` micro-batches
 (sizes differ by at most one, so every worker runs the same number of backward passes, as ZeRO needs). A
 micro-batch's loss is a mean over its groups, so it is weighted by its share of the worker's groups: the step's
@@ -45,7 +46,7 @@ import torch.distributed as dist
 from aftray.config import TrainConfig
 from aftray.logs import worker_setup
 from aftray.models import load_model, load_tokenizer
-from aftray.rows import TRAIN_COLUMNS, check_group_table, mixed_or_reference
+from aftray.rows import TRAIN_COLUMNS, check_group_table, mixed_first, mixed_or_reference
 from aftray.train.checkpoint import checkpoint_state, full_state_dict, load_checkpoint, save_checkpoint
 from aftray.train.stage import StageJob
 from aftray.train.deepspeed_config import ADAM_BETAS, deepspeed_config, skip_shm_comm_op
@@ -201,6 +202,7 @@ def run_stage(job: StageJob, device: torch.device, resume=None, policy: Policy |
     per_step = -(-train.questions_per_step // world) * world
     accum = -(-(per_step // world) // train.micro_batch_questions)
     total_steps = train.steps_per_stage or -(-len(groups) // per_step)
+    groups = groups_for_steps(groups, total_steps * per_step, train.seed)
     schedule_start, schedule_total = job.schedule or (0, total_steps)
 
     policy, restored, started = start_policy(job, accum, device, policy, resume)
@@ -411,6 +413,16 @@ def load_groups(source) -> list[dict]:
 @functools.lru_cache(maxsize=4)
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return random.Random(f"{seed}:{epoch}").sample(range(n), n)
+
+
+def groups_for_steps(groups: list, capacity: int, seed: int | None) -> list:
+    """The groups a stage whose steps take `capacity` groups trains: all of them when they fit, else the mixed
+    ones (a right and a wrong COT) first and the rest in a seeded order. A round that samples more questions than
+    its steps train (say 32 for 8) so gives every loss the groups a pairwise loss learns from, and the arms of a
+    comparison the same groups, as DAPO's filter keeps the groups with a signal; unfilled places take others."""
+    if len(groups) <= capacity:
+        return groups
+    return mixed_first([groups[i] for i in epoch_order(len(groups), seed or 0, -1)], capacity)
 
 
 def step_groups(groups: list, step: int, per_step: int, seed: int) -> list:
