@@ -185,8 +185,7 @@ def is_mixed(row: dict) -> bool:
 
 def mixed_first(rows: Iterable[dict], limit: int | None = None) -> list[dict]:
     """The mixed groups, then the others, each kept in its order; `limit` at most."""
-    rows = list(rows)
-    return ([row for row in rows if is_mixed(row)] + [row for row in rows if not is_mixed(row)])[:limit]
+    return sorted(rows, key=lambda row: not is_mixed(row))[:limit]  # a stable sort keeps each part's order
 
 
 def mixed_or_reference(rows: Iterable[dict], limit: int | None = None) -> list[dict]:
