@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from aftray.config import load_config
@@ -358,4 +359,6 @@ def test_reduced_comparison_end_to_end(tmp_path):
     text = page.read_text()
     assert "reading kept" in text and "after kept" in text and "old" not in text
     assert "| aft_bc |" in text and "![accuracy](results/accuracy.png)" in text
+    # the wall times name the host they were taken on: its cores and vector instructions
+    assert f"on a machine with {result['cpus']} cores ({torch.backends.cpu.get_cpu_capability()})" in text
     assert (tmp_path / "results" / "comparison.json").is_file()

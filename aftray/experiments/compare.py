@@ -34,6 +34,7 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from aftray.cluster import start_ray
@@ -221,6 +222,7 @@ def run_comparison(preset: str | Path, arms: list[str], seeds: list[int], out_di
                       arm_names=arms, shared_base=shared_base,
                       grid=grid or {}, wall_time_s=time.perf_counter() - start, versions=_versions(),
                       cpus=len(os.sched_getaffinity(0)),  # the cores this process may use
+                      cpu_capability=torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512
                       reused=_reused_record(bases_dir, bases, runs, declaration),
                       runs_time_s=runs_time({n: b for n, b in bases.items() if _made_by(b, declaration)},
                                             {a: {s: r for s, r in by_seed.items() if _made_by(r, declaration)}

@@ -37,8 +37,13 @@ def _declaration(result: dict) -> list[str]:
 
 
 def _machine(result: dict) -> str:
-    """The machine the runs took their time on (a comparison written before the core count was recorded: unknown)."""
-    return f"a machine with {result['cpus']} cores" if result.get("cpus") else "the machine of that session"
+    """The machine the runs took their time on: its cores and the widest vector instructions torch found (vLLM's
+    CPU kernels run 3-4x slower on AVX2 than on AVX512; docs/benchmarks.md). A comparison written before either
+    was recorded: unknown."""
+    if not result.get("cpus"):
+        return "the machine of that session"
+    isa = f" ({result['cpu_capability']})" if result.get("cpu_capability") else ""
+    return f"a machine with {result['cpus']} cores{isa}"
 
 
 def _header(result: dict, command: str) -> list[str]:
