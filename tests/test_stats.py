@@ -146,3 +146,22 @@ def test_runs_of_another_experiment_are_not_pooled(tmp_path):
     with pytest.raises(ValueError, match=f"e.yaml: refusing to pool runs of other experiments: {refused}"):
         check_pooling({"out/aft_bc_s0": _summary("e1", d.sha256), "out/aft_bc_s1": _summary("e2"),
                        "out/aft_bc_s2": _summary(None)}, d)
+
+
+def test_the_old_sections_re_tested_agree_with_their_stored_aggregates_and_the_page():
+    """docs/results/restat.py re-tests the testbed's first three sections from their per-seed accuracies: its
+    differences must be the ones those sections stored (mean and std of AFT-BC − VFT-continued), and the page
+    must carry the tables it prints."""
+    import json
+    import runpy
+
+    restat = runpy.run_path(str(REPO / "docs" / "results" / "restat.py"))
+    page = (REPO / "docs" / "results.md").read_text()
+    for file, pairs in restat["SECTIONS"].values():
+        arms = json.loads((REPO / "docs" / "results" / file).read_text())["arms"]
+        aft, vft = (arms[a]["per_seed_final_accuracy"] for a in ("aft_bc", "vft_continued"))
+        test = paired_test([aft[s] - vft[s] for s in aft])
+        stored = arms["aft_bc"]["delta_accuracy_vs_vft_continued"]
+        assert (test["mean"], test["std"]) == (pytest.approx(stored["mean"], abs=1e-12),
+                                               pytest.approx(stored["std"], abs=1e-12))
+        assert "\n".join(restat["section_table"](REPO / "docs" / "results" / file, pairs)) in page
