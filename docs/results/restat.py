@@ -20,8 +20,8 @@ HERE = Path(__file__).parent
 TASK_BASES = {1: 0.446, 2: 0.209, 3: 0.397}
 SECTIONS = {  # section: (comparison.json, contrasts; "start" = the arm's own base)
     "testbed, 3 seeds (`generated:start`)": ("comparison.json", [
-        *[(a, "vft_continued") for a in ("rft", "aft_dc", "aft_bc", "aft_rank_bc", "dpo", "dpo_bc", "rrhf",
-                                         "rrhf_bc", "align_none")]]),
+        (a, "vft_continued") for a in ("rft", "aft_dc", "aft_bc", "aft_rank_bc", "dpo", "dpo_bc", "rrhf", "rrhf_bc",
+                                       "align_none")]),
     "testbed at power, 12 seeds (`generated:tasks`)": ("tasks/comparison.json", [
         ("rft", "vft_continued"), ("aft_bc", "vft_continued"), ("aft_bc", "rft"),
         ("vft_continued", "start"), ("rft", "start"), ("aft_bc", "start")]),
