@@ -420,7 +420,7 @@ def _seeds_line(result: dict) -> str:
     return f"{len(seeds)} seeds ({', '.join(map(str, seeds))}){tasks}"
 
 
-def _contrast_table(result: dict) -> list[str]:
+def contrast_table(result: dict) -> list[str]:
     """A row per contrast and unit (seeds; tasks when there are task seeds); "–" where there is no SE (one unit,
     or equal differences) or, without a declaration, no decision."""
     level = f"{(1 - result['alpha']) * 100:g} %"
@@ -471,7 +471,7 @@ def markdown_table(result: dict) -> str:
                      f"{_fmt(f['assessment_accuracy'], True)} | {_fmt(f['pass_at_k'], True)} | "
                      f"{_fmt(f['mean_score_pos'])} | {_fmt(f['mean_score_neg'])} | {_fmt(f['min_score_neg'])} |")
     if result["contrasts"]:
-        lines += ["", _contrast_caption(result), "", *_contrast_table(result)]
+        lines += ["", _contrast_caption(result), "", *contrast_table(result)]
     return "\n".join(lines) + "\n"
 
 
