@@ -27,8 +27,17 @@ round-1 samples.parquet (--groups, default runs/words_cpu/rounds/1/), else made 
 prompts; COTs: the question's reference (right) and other questions' references (wrong), sampled-COT length).
 Writes benchmarks/results/train_shared_prefix.json; prints one JSON line last.
 
+--scoring-compare: the trainer's forward + backward as it was until session 19 (the logits of every position,
+then the scored ones read; attention under the dense tree mask) against the LM head only at the positions that
+predict a scored token (`token_logps` on the dense mask), and that with block-wise attention (`tree_attention`,
+what the trainer runs now), on the same groups (--groups, default as above), in one process, 2 threads: the
+preset's loss over micro-batches of 2 groups in the shared-prefix layout, the arms interleaved for --repeats
+rounds, the best pass each. Checks that all give the same log-probs and gradients. Writes
+benchmarks/results/train_scoring.json.
+
 Usage: python benchmarks/train.py [--model tiny|PATH|HUB_ID] [--steps 5] [--threads 1] [--gpu]
        python benchmarks/train.py --shared-prefix-compare
+       python benchmarks/train.py --scoring-compare [--groups runs/X/rounds/1/samples.parquet]
 """
 from __future__ import annotations
 
@@ -306,6 +315,65 @@ def shared_prefix_compare(args) -> dict:
     return out
 
 
+def scoring_compare(args) -> dict:
+    import dataclasses
+
+    import torch
+
+    from aftray.config import load_config
+    from aftray.models import load_model, resolve_model_path
+    from aftray.train.losses import OBJECTIVES
+    from aftray.train.scores import _model_inputs, collate_groups, scored_batch, token_logps
+
+    def every_position(model, batch):  # the baseline: the logits of every position, then the scored ones
+        logits = model(**_model_inputs(model, batch), use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1])[batch.logit_index].float()
+        return logits.gather(-1, batch.labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+    def dense_mask(model, batch):  # without its blocks, a batch is attended under its 4D mask alone
+        return token_logps(model, dataclasses.replace(batch, blocks=None))
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(PRESET)
+    model_path = str(resolve_model_path(cfg.model))
+    groups = preset_groups(Path(args.groups), n=args.questions)
+    model = load_model(model_path, "fp32").train()
+    per = cfg.train.micro_batch_questions
+    batches = [collate_groups(groups[i:i + per], cfg.train.max_seq_len, shared_prefix=True)
+               for i in range(0, len(groups), per)]
+    arms = {"every_position": every_position, "scored": dense_mask, "scored_tree": token_logps}
+    seconds, logps, grads = {arm: [] for arm in arms}, {}, {}
+    for _ in range(args.repeats):
+        for arm, logps_of in arms.items():
+            model.zero_grad(set_to_none=True)
+            start, out = time.perf_counter(), []
+            for batch in batches:
+                token_logp = logps_of(model, batch)
+                OBJECTIVES[cfg.loss.name](cfg.loss, scored_batch(batch, token_logp))[0].backward()
+                out.append(token_logp.detach())
+            seconds[arm].append(time.perf_counter() - start)
+            logps[arm] = torch.cat(out)
+            grads[arm] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            print(f"{arm:16s} {seconds[arm][-1]:6.2f} s", flush=True)
+    best = {arm: min(ts) for arm, ts in seconds.items()}
+    base = grads["every_position"]
+    line = {"scored_over_every_position": best["every_position"] / best["scored"],
+            "tree_over_dense": best["scored"] / best["scored_tree"],
+            "now_over_before": best["every_position"] / best["scored_tree"],
+            "max_abs_logp_diff": max(float((logps[arm] - logps["every_position"]).abs().max()) for arm in arms),
+            "max_grad_rel_diff": max(float((grads[arm] - base).norm() / base.norm()) for arm in arms)}
+    out = {**line, "seconds": seconds, "num_groups": len(groups), "micro_batches": len(batches),
+           "forward_tokens": sum(b.forward_tokens for b in batches),
+           "scored_positions": sum(len(b.labels) for b in batches),
+           "groups": args.groups if Path(args.groups).exists() else "made from the preset",
+           "threads": args.threads, "model_path": model_path,
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **cpu_info(),
+                       "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
+    (RESULTS / "train_scoring.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(line))
+    return out
+
+
 def cpu_info() -> dict:
     """The CPU's model name and whether it has the bf16 matrix instructions (AMX) or dot products (AVX512)."""
     path = Path("/proc/cpuinfo")
@@ -374,7 +442,7 @@ def main():
                    "(default 3; --shared-prefix-compare: 2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process / worker (default 1; "
                    "--shared-prefix-compare: 2)")
-    p.add_argument("--questions", type=int, default=64)
+    p.add_argument("--questions", type=int, default=None, help="default 64 (--scoring-compare: 16)")
     p.add_argument("--questions-per-step", type=int, default=None, help="default: CPU 4, GPU 16")
     p.add_argument("--micro-batch-questions", type=int, default=4, help="GPU only (CPU: 2)")
     p.add_argument("--k", type=int, default=None, help="sampled COTs per question (default: CPU 3, GPU 4)")
@@ -383,8 +451,11 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
     p.add_argument("--shared-prefix-compare", action="store_true",
                    help="the default preset's groups: shared-prefix against unshared, amp_bf16 against fp32")
+    p.add_argument("--scoring-compare", action="store_true",
+                   help="the default preset's groups: the trainer's scoring pass before and after session 19")
     p.add_argument("--groups", default=str(REPO / "runs/words_cpu/rounds/1/samples.parquet"),
-                   help="--shared-prefix-compare: a round's samples.parquet (else made from the preset)")
+                   help="--shared-prefix-compare, --scoring-compare: a round's samples.parquet (else made "
+                        "from the preset)")
     p.add_argument("--arm", nargs=3, help=argparse.SUPPRESS)  # internal: ARM SPEC_JSON OUT_JSON
     args = p.parse_args()
     if args.arm:
@@ -396,8 +467,13 @@ def main():
         args.repeats, args.threads = args.repeats or 2, args.threads or 2  # the preset's worker: 2 CPUs
         shared_prefix_compare(args)
         return
+    if args.scoring_compare:
+        RESULTS.mkdir(exist_ok=True)
+        args.repeats, args.threads, args.questions = args.repeats or 3, args.threads or 2, args.questions or 16
+        scoring_compare(args)
+        return
     gpu = args.gpu
-    args.repeats, args.threads = args.repeats or 3, args.threads or 1
+    args.repeats, args.threads, args.questions = args.repeats or 3, args.threads or 1, args.questions or 64
     for name, cpu_default, gpu_default in [("questions_per_step", 4, 16), ("k", 3, 4), ("prompt_len", 48, 256),
                                            ("cot_len", 64, 384)]:
         if getattr(args, name) is None:

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 from aftray.config import ModelConfig, RolloutConfig, TaskConfig, VerifyConfig
 from aftray.loop.pipeline import sample_groups
 from aftray.models import load_model, load_tokenizer, resolve_model_path
-from aftray.rollout import RolloutPool, SamplingParams, derive_seed, make_engine, question_rows
+from aftray.rollout import (RolloutPool, SamplingParams, derive_seed, encode_prompts, make_engine,
+                            question_rows)
 from aftray.rollout.pool import truncate_prompts
 from aftray.tasks import load_task
 from aftray.weights import put_weights
@@ -76,6 +77,20 @@ def test_question_rows(tiny_rows, tiny_model_path):
     assert set(row) == {"id", "prompt", "prompt_ids", "answer", "ref_cot", "ref_cot_ids", "choices"}
     assert len(row["prompt_ids"]) == len(row["prompt"])  # one token per character, no BOS added
     assert row["ref_cot_ids"][-1] == tok.eos_token_id and len(row["ref_cot_ids"]) == len(row["ref_cot"]) + 1
+
+
+def test_prompts_are_encoded_in_one_batch_with_one_bos(tiny_model_path):
+    """A tokenizer that adds BOS: a prompt a chat template began with BOS gets none added, the others one; the
+    batched encoding equals encoding each prompt alone, in the prompts' order."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = load_tokenizer(tiny_model_path)
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    texts = ["ab", "<s>ab", "c", "<s>c d"]
+    ids = encode_prompts(tok, texts)
+    alone = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in ("ab", "ab", "c", "c d")]
+    assert ids == alone
+    assert encode_prompts(tok, []) == []
 
 
 def test_truncation_is_from_the_left_and_counted():

@@ -9,7 +9,8 @@ import torch
 from aftray.config import LossConfig
 from aftray.rows import group_row
 from aftray.train.losses import OBJECTIVES
-from aftray.train.scores import _fit, collate_groups, logp_drift, score_groups, sequence_logps
+from aftray.train.scores import (TREE_ATTENTION, _fit, collate_groups, logp_drift, score_groups, sequence_logps,
+                                 tree_attention)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -334,6 +335,40 @@ def test_shared_prefix_scores_equal_unshared(case, attn):
     else:  # the micro-batch's groups under one root; a cut COT keeps its own prompt
         assert b.forward_tokens == per_group - (len(rows) - 1) * SHOT
         assert b.num_truncated == (case == "a cut COT")
+
+
+def test_tree_attention_equals_the_dense_mask(monkeypatch):
+    """Block by block (the root; each group's question and COTs) equals sdpa under the dense 4D mask at every
+    real token (grouped-query heads, several trees in a row, a cut COT in a segment of its own), padding gets
+    zeros; and an sdpa model's shared-prefix forward pass goes through it, in every layer, leaving the model's
+    attention setting as it was."""
+    from transformers import AttentionInterface
+
+    batch = collate_groups(with_cut_cot(few_shot_rows(18, (6, 5, 7, 6, 1))), 40, shared_prefix=True)
+    mask, (n_rows, width) = batch.inputs["attention_mask"], batch.inputs["input_ids"].shape
+    real = torch.zeros(n_rows, width, dtype=torch.bool)
+    for r, blocks in enumerate(batch.blocks):
+        real[r, :blocks[-1][1]] = True
+    assert n_rows > 1 and (~real).any() and any(c < d for blocks in batch.blocks for _, _, c, d in blocks)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n_rows, h, width, 8, generator=gen) for h in (4, 2, 2))
+    out, _ = tree_attention(None, q, k, v, mask, scaling=0.3, tree_blocks=batch.blocks)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                             attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert torch.allclose(out[real], dense[real], atol=1e-6) and not out[~real].any()
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["tree_blocks"])
+        return tree_attention(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, TREE_ATTENTION, counted)
+    model = tiny_llama("sdpa")
+    with torch.no_grad():
+        sequence_logps(model, batch)
+    assert calls == [batch.blocks] * model.config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_shared_prefix_attention_stays_in_its_cot(model):

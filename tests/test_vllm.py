@@ -95,6 +95,28 @@ def test_seeded_sampling_is_stable(smol, smol_prompts):
 
 @pytest.mark.slow
 @needs_vllm
+def test_greedy_without_logprobs_and_texts_decoded_once(smol, smol_prompts):
+    """Greedy evaluation asks for no log-probs and the engine decodes the texts once from the ids: the same
+    tokens as with log-probs, and the texts vLLM's own per-step detokenizer writes."""
+    import vllm
+    from vllm.inputs import TokensPrompt
+
+    engine, _ = smol
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=48)
+    with_logprobs = engine.generate(smol_prompts, greedy)
+    without = engine.generate(smol_prompts, SamplingParams(n=1, temperature=0, max_new_tokens=48, logprobs=False))
+    assert [tokens(cs) for cs in without] == [tokens(cs) for cs in with_logprobs]
+    assert all(c.logprobs is None for cs in without for c in cs)
+    assert all(len(c.logprobs) == len(c.token_ids) for cs in with_logprobs for c in cs)
+    theirs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in smol_prompts],
+                                 vllm.SamplingParams(temperature=0, max_tokens=48, stop_token_ids=engine.stop_ids),
+                                 use_tqdm=False)
+    assert [out.outputs[0].text for out in theirs] == [cs[0].text for cs in without]
+    assert all(cs[0].text for cs in without)
+
+
+@pytest.mark.slow
+@needs_vllm
 def test_score_equals_sampled_logprobs(smol, smol_prompts):
     engine, _ = smol
     out = engine.generate(smol_prompts[:2], SamplingParams(n=3, temperature=1.0, max_new_tokens=40, seed=3))

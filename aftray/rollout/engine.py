@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int | None = None  # None: unseeded (not reproducible)
+    logprobs: bool = True  # the sampled tokens' log-probs; False: an engine may leave them out (greedy evaluation)
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig) -> SamplingParams:
@@ -39,7 +40,7 @@ class Completion:
     token_ids: list[int]  # generated ids, EOS included when the COT stopped
     # log p(token) of each generated token under the sampling weights at temperature 1 (raw logits, before
     # temperature/top-p): the DPO reference and the AFT score, whatever temperature sampled it
-    logprobs: list[float]
+    logprobs: list[float] | None  # None where the params asked for none
     finish_reason: str  # "stop" (EOS) | "length" (max_new_tokens)
 
 

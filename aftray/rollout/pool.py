@@ -35,7 +35,7 @@ import ray
 from aftray.cluster import actor_options
 from aftray.config import FP32, RolloutConfig
 from aftray.rollout.engine import Engine, SamplingParams, derive_seed
-from aftray.rollout.questions import encode_prompt
+from aftray.rollout.questions import encode_prompts
 from aftray.weights import from_payload
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class EngineActor:
         """m sampled continuations of each text prefix (prompt + partial COT), seeded by (round, prefix)."""
         self.sync(weights)
         # a prefix is a prompt plus up to a whole COT
-        prompts, _ = truncate_prompts([encode_prompt(self.engine.tokenizer, p) for p in prefixes],
+        prompts, _ = truncate_prompts(encode_prompts(self.engine.tokenizer, prefixes),
                                       self.cfg.max_prompt_tokens + self.cfg.max_new_tokens)
         seeded = [replace(params, n=m, seed=None if params.seed is None else
                           derive_seed(params.seed, round_index, p)) for p in prefixes]

@@ -29,6 +29,9 @@ vLLM is an optional extra, imported only here. Choices, and why (measured in doc
   rely on).
 - CPU: KV blocks of 32 tokens, not vLLM's CPU default of 128 (`rollout.vllm.block_size`): the prefix cache reuses
   whole blocks only, and a few-shot prefix shorter than one block would be recomputed for every prompt.
+- Texts are decoded once, from the ids, when a call ends (`detokenize=False`; the HF engine's decoding), not
+  token by token in every engine step; log-probs only where the params ask for them (greedy evaluation does not).
+  Each saves 2-3 % of a greedy evaluation on 2 cores, with the same tokens and texts.
 """
 from __future__ import annotations
 
@@ -227,12 +230,14 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         sampling = [vllm.SamplingParams(n=p.n, temperature=p.temperature, top_p=p.top_p,
-                                        max_tokens=p.max_new_tokens, seed=p.seed, logprobs=0,
-                                        stop_token_ids=self.stop_ids)
+                                        max_tokens=p.max_new_tokens, seed=p.seed, logprobs=0 if p.logprobs else None,
+                                        detokenize=False, stop_token_ids=self.stop_ids)
                     for p in per_prompt(params, len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], sampling,
                                     use_tqdm=False)
-        return [[_completion(o) for o in out.outputs] for out in outputs]
+        texts = iter(self.tokenizer.batch_decode([o.token_ids for out in outputs for o in out.outputs],
+                                                 skip_special_tokens=True))
+        return [[_completion(o, next(texts)) for o in out.outputs] for out in outputs]
 
     def score(self, prompt_ids: list[list[int]], cot_ids: list[list[int]]) -> list[float]:
         import vllm
@@ -370,8 +375,10 @@ def _tensor_names(folder: Path) -> set[str]:
     return names
 
 
-def _completion(out) -> Completion:
-    # out.logprobs: one {token id: Logprob} per generated token, holding at least the sampled token
-    logprobs = [step[t].logprob for t, step in zip(out.token_ids, out.logprobs, strict=True)]
+def _completion(out, text: str) -> Completion:
+    # out.logprobs: one {token id: Logprob} per generated token, holding at least the sampled token (None when
+    # none were asked for)
+    logprobs = (None if out.logprobs is None else
+                [step[t].logprob for t, step in zip(out.token_ids, out.logprobs, strict=True)])
     finish = "stop" if out.finish_reason == "stop" else "length"
-    return Completion(out.text, list(out.token_ids), logprobs, finish)
+    return Completion(text, list(out.token_ids), logprobs, finish)

@@ -23,9 +23,11 @@ or (shared prefix) a tree of prompt parts and COTs (`_Segment`). Layouts:
   the root; without a common prefix, one tree per group. COTs cut by max_seq_len become one-COT segments with
   their own cut prompt. Segments are packed first-fit into rows as long as the longest.
   Needs an attention kernel that takes an arbitrary mask (sdpa, eager): see `takes_custom_masks`; the trainer
-  falls back to packed where the model's kernel takes none (flash-attention, flex).
+  falls back to packed where the model's kernel takes none (flash-attention, flex). Under sdpa the forward pass
+  attends block by block (`tree_attention`: a group's question and COTs meet the root's keys and their own, not
+  the other groups'), which the dense mask would compute and then mask.
 Every scored token is read from the logits at the position that predicts it (`logit_index`): the previous
-token of its COT, or the prompt's last token for a COT's first token.
+token of its COT, or the prompt's last token for a COT's first token. Only those positions' logits are computed.
 `score_groups(model, batch)` runs the forward pass and returns the `ScoredBatch` the objectives read; the trainer's
 first step also reads the sampler↔trainer drift from that pass (`token_logps`, `sampled_drift`, `scored_batch`).
 Pure python/torch (no Ray): the Ray Train loop calls these on its dataset shard's rows.
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import AttentionInterface
 
 from aftray.train.losses import ScoredBatch
 
@@ -62,6 +65,8 @@ class GroupBatch:
     num_truncated: int  # sequences cut to max_seq_len
     forward_tokens: int  # tokens the forward pass runs over (padding excluded)
     sequence_tokens: int  # Σ (prompt + COT) over the sequences: what a layout without sharing forwards
+    # shared prefix: per row, its attention blocks (start, end, root start, root end), in order (`tree_attention`)
+    blocks: list[list[tuple[int, int, int, int]]] | None = None
 
     def to(self, device) -> GroupBatch:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -100,6 +105,17 @@ class _Segment:
 
     def __len__(self) -> int:
         return len(self.root) + sum(len(rest) + sum(len(c) for _, c in cots) for rest, cots in self.groups)
+
+    def blocks(self) -> list[tuple[int, int, int, int]]:
+        """(start, end, root start, root end) of each attention block: the root (no keys beyond its own), then
+        each group's prompt rest and COTs (the root's keys and its own)."""
+        r, start = len(self.root), len(self.root)
+        out = [(0, r, 0, 0)] if r else []
+        for rest, cots in self.groups:
+            end = start + len(rest) + sum(len(c) for _, c in cots)
+            out.append((start, end, 0, r))
+            start = end
+        return out
 
     def tensors(self) -> dict[str, Tensor]:
         """Per token: ids, positions, group (0: the root, g: the g-th group), branch (0: a prompt part, b: the
@@ -213,10 +229,12 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
     group = torch.zeros(len(bins), width, dtype=torch.long)  # in the segment: 0 the root, g its g-th group
     branch = torch.zeros(len(bins), width, dtype=torch.long)  # in the segment: 0 a prompt part, b a COT
     logit_index, labels, label_seq = [], [], []
+    blocks = [[] for _ in bins]
     for r, row in enumerate(bins):
         at = 0
         for i in row:
             n, part = lengths[i], parts[i]
+            blocks[r] += [(at + a, at + b, at + c, at + d) for a, b, c, d in segments[i].blocks()]
             ids[r, at:at + n], pos[r, at:at + n] = part["ids"], part["pos"]
             group[r, at:at + n], branch[r, at:at + n] = part["group"], part["branch"]
             block[r, at:at + n] = i + 1
@@ -238,7 +256,7 @@ def collate_groups(rows: list[dict], max_seq_len: int, packed: bool = False, wit
                       seq_slot=torch.tensor(seq_slot, dtype=torch.long), cot_tokens=cot_tokens,
                       ref_tokens=ref_tokens, mask=mask, positive=positive, ranks=ranks, process=process,
                       ref_logp=ref_logp, num_truncated=num_truncated, forward_tokens=sum(lengths),
-                      sequence_tokens=sequence_tokens)
+                      sequence_tokens=sequence_tokens, blocks=blocks if shared_prefix else None)
 
 
 def _shared_prefix_mask(block: Tensor, group: Tensor, branch: Tensor) -> Tensor:
@@ -261,6 +279,38 @@ def takes_custom_masks(model) -> bool:
     return str(getattr(model.config, "_attn_implementation", "sdpa")) in ("sdpa", "eager")
 
 
+TREE_ATTENTION = "sdpa_tree"
+
+
+def tree_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor,
+                   dropout: float = 0.0, scaling: float | None = None, tree_blocks=None, **kwargs):
+    """sdpa block by block over a shared-prefix micro-batch (`GroupBatch.blocks`), as a transformers attention
+    function: the queries of a block (the root, or one group's prompt rest and COTs) meet the keys of the root
+    and of their own block, not every key of the row, where the dense mask would mask most of them (the other
+    groups'). Each block keeps its slice of the 4D mask, so the outputs are the dense mask's; padding gets
+    zeros (nothing reads it). query [B, H, T, D], key and value [B, H_kv, T, D]; returns [B, T, H, D]."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    repeat = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, repeat), repeat_kv(value, repeat)
+    rows = []
+    for b, blocks in enumerate(tree_blocks):
+        pieces, end = [], 0
+        for start, end, root_start, root_end in blocks:
+            spans = [slice(root_start, root_end)] if root_end > root_start else []
+            spans.append(slice(start, end))
+            k, v = (torch.cat([x[b:b + 1, :, span] for span in spans], 2) for x in (key, value))
+            mask = torch.cat([attention_mask[b:b + 1, :, start:end, span] for span in spans], -1)
+            pieces.append(torch.nn.functional.scaled_dot_product_attention(
+                query[b:b + 1, :, start:end], k, v, attn_mask=mask, dropout_p=dropout, scale=scaling))
+        pieces.append(query.new_zeros(1, query.shape[1], query.shape[2] - end, query.shape[3]))
+        rows.append(torch.cat(pieces, 2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(TREE_ATTENTION, tree_attention)
+
+
 def _model_inputs(model, batch: GroupBatch) -> dict[str, Tensor]:
     """flash-attention reads packed sequences from the position ids of a single row only (transformers
     `_is_packed_sequence`), so it gets the packed rows flattened into one; eager attention adds its mask to the
@@ -279,9 +329,23 @@ def _model_inputs(model, batch: GroupBatch) -> dict[str, Tensor]:
 
 def token_logps(model, batch: GroupBatch) -> Tensor:
     """log p of every scored COT token (fp32), in sequence order (`batch.label_seq`: the sequence of each)."""
-    # use_cache=False also matters for packing: with a cache transformers skips the packed-sequence detection
-    logits = model(**_model_inputs(model, batch), use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1])[batch.logit_index].float()  # the log-softmax in fp32 under bf16
+    inputs = _model_inputs(model, batch)
+    width = inputs["input_ids"].shape[1]
+    # The LM head runs only at the columns that predict a scored token: on a few-shot prompt most positions are
+    # prompt, whose logits nothing reads (a fifth of the model's FLOPs at each of them, forward and backward).
+    # use_cache=False also matters for packing: with a cache transformers skips the packed-sequence detection.
+    columns, at = torch.unique(batch.logit_index % width, return_inverse=True)
+    config = getattr(model, "module", model).config  # a DeepSpeed engine's model
+    tree = batch.blocks is not None and config._attn_implementation == "sdpa"
+    if tree:  # the forward pass only: the backward pass reads no attention function
+        config._attn_implementation, inputs = TREE_ATTENTION, {**inputs, "tree_blocks": batch.blocks}
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=columns).logits  # [rows, len(columns), vocab]
+    finally:
+        if tree:
+            config._attn_implementation = "sdpa"
+    kept = (batch.logit_index // width) * len(columns) + at
+    logits = logits.reshape(-1, logits.shape[-1])[kept].float()  # the log-softmax in fp32 under bf16
     return logits.gather(-1, batch.labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
