@@ -46,7 +46,7 @@ def trainer(ray_local, tmp_path_factory):
 
     service = TrainService(load_config(PRESET).train, tmp_path_factory.mktemp("train_state"))
     yield service
-    if ray_local.is_initialized():  # the two-node test ends the module's Ray, and the workers with it
+    if ray_local.is_initialized():  # the two-node test closes the service and ends the module's Ray
         service.close()
 
 
@@ -283,7 +283,7 @@ def _samples(run_dir: Path, r: int) -> dict:
     return {row["id"]: row["cot_ids"] for row in read_parquet_rows(run_dir / "rounds" / str(r) / "samples.parquet")}
 
 
-def test_two_nodes_need_no_shared_checkpoint_folder(tmp_path, monkeypatch, reference_run):
+def test_two_nodes_need_no_shared_checkpoint_folder(tmp_path, monkeypatch, reference_run, trainer):
     """Rollout actors on the node with the `rollout` resource, train workers on the `trainer` node; round 1
     writes no checkpoint folder, and every folder a round does write is moved away before the samplers take the
     new weights: the weights reach them through the object store and the trainer keeps its policy, so the run
@@ -297,6 +297,9 @@ def test_two_nodes_need_no_shared_checkpoint_folder(tmp_path, monkeypatch, refer
     from aftray.rollout.pool import RolloutPool
 
     one_node, one = reference_run
+    # the module's workers stop first: a Ray Train run whose Ray is shut down under it leaves its driver thread
+    # spinning in ray.get, a whole core, for the rest of the test session
+    trainer.close()
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1"})
