@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
 
 from aftray.train.losses import ScoredBatch
 
@@ -289,8 +290,6 @@ def tree_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_
     and of their own block, not every key of the row, where the dense mask would mask most of them (the other
     groups'). Each block keeps its slice of the 4D mask, so the outputs are the dense mask's; padding gets
     zeros (nothing reads it). query [B, H, T, D], key and value [B, H_kv, T, D]; returns [B, T, H, D]."""
-    from transformers.integrations.sdpa_attention import repeat_kv
-
     repeat = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, repeat), repeat_kv(value, repeat)
     rows = []
